@@ -1,0 +1,130 @@
+"""Task embeddings: what a reference teaches the model, computed once and reused for any target.
+
+One embedding holds, per class, the (T, D) task tokens plus what a user needs to trust and reuse
+it: label values, segment names/colors/terminology, modality, working spacing, the model that
+made it and where it came from. Stored as safetensors (tensors + JSON metadata), never pickle.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, WeightsError
+from .model.serialization import load_tensors, save_tensors
+
+FORMAT = "iris-segment-task"
+FORMAT_VERSION = "1"
+
+
+def class_key(value: int, segment: dict) -> str:
+    """How classes of different references are matched: terminology, else name, else label value."""
+    return segment.get("terminology") or (segment.get("name") or "").strip().lower() or f"label {value}"
+
+
+@dataclass
+class TaskEmbedding:
+    tokens: torch.Tensor                  # (K, T, D) float32
+    label_values: list[int]
+    segments: dict[int, dict]
+    modality: str
+    spacing: float                        # isotropic working spacing (mm) the reference was seen at
+    model_id: str
+    sources: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)   # references averaged into each class
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 3 or self.tokens.shape[0] != len(self.label_values):
+            raise ValueError("tokens must be (classes, tokens, dim), one row per label value")
+        if not self.counts:
+            self.counts = [1] * len(self.label_values)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.segments.get(v, {}).get("name", f"label {v}") for v in self.label_values]
+
+    def select(self, classes: list[int | str] | None) -> "TaskEmbedding":
+        """The embedding restricted to some classes, given by label value or segment name."""
+        if not classes:
+            return self
+        rows = []
+        for c in classes:
+            matches = [i for i, (v, n) in enumerate(zip(self.label_values, self.class_names)) if str(c) == str(v) or str(c).lower() == n.lower()]
+            if not matches:
+                raise InputError(f"the task has no class {c!r}; it has: {', '.join(f'{v} ({n})' for v, n in zip(self.label_values, self.class_names))}.")
+            rows.append(matches[0])
+        values = [self.label_values[i] for i in rows]
+        return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments}, counts=[self.counts[i] for i in rows])
+
+    @staticmethod
+    def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
+        """Context ensemble: per class, the mean of the embeddings of every reference holding it
+        (weighted by how many references each already averages)."""
+        if not tasks:
+            raise InputError("no references to combine: add at least one reference.")
+        first = tasks[0]
+        for t in tasks[1:]:
+            if t.model_id != first.model_id:
+                raise InputError("these task embeddings come from different models and cannot be combined; re-encode the references with one model.")
+            if t.modality != first.modality:
+                raise InputError(f"references of different modality ({first.modality} and {t.modality}) cannot be combined: use references of the target's modality.")
+        order: list[str] = []
+        found: dict[str, list[tuple[TaskEmbedding, int]]] = {}
+        for t in tasks:
+            for row, v in enumerate(t.label_values):
+                key = class_key(v, t.segments.get(v, {}))
+                if key not in found:
+                    order.append(key)
+                    found[key] = []
+                found[key].append((t, row))
+        tokens, values, segments, counts = [], [], {}, []
+        for key in order:
+            members = found[key]
+            weights = torch.tensor([float(t.counts[r]) for t, r in members])
+            stacked = torch.stack([t.tokens[r] for t, r in members])
+            tokens.append((stacked * weights[:, None, None]).sum(0) / weights.sum())
+            owner, row = members[0]
+            value = owner.label_values[row]
+            if value in values:
+                raise InputError(f"label value {value} names two different classes across the references; give each class its own value.")
+            values.append(value)
+            segments[value] = owner.segments.get(value, {"name": f"label {value}"})
+            counts.append(int(weights.sum()))
+        spacing = float(torch.tensor([t.spacing for t in tasks]).median())
+        sources = [s for t in tasks for s in t.sources]
+        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts)
+
+    def save(self, path: str | Path) -> None:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "label_values": json.dumps(self.label_values),
+            "segments": json.dumps({str(k): v for k, v in self.segments.items()}),
+            "modality": self.modality,
+            "spacing": repr(float(self.spacing)),
+            "model_id": self.model_id,
+            "sources": json.dumps(self.sources),
+            "counts": json.dumps(self.counts),
+        }
+        save_tensors(path, {"tokens": self.tokens.float()}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskEmbedding":
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != FORMAT:
+            raise WeightsError(f"{path}: not an IrisSegment task file (format {meta.get('format')!r}); create one with 'iris-segment encode' or Save task in Slicer.")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise WeightsError(f"{path}: task format version {meta.get('format_version')} is not supported by this IrisSegment.")
+        try:
+            segments = {int(k): v for k, v in json.loads(meta["segments"]).items()}
+            task = cls(
+                tensors["tokens"].float(), [int(v) for v in json.loads(meta["label_values"])], segments, meta["modality"],
+                float(meta["spacing"]), meta["model_id"], list(json.loads(meta["sources"])), [int(c) for c in json.loads(meta["counts"])],
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None
+        if not torch.isfinite(task.tokens).all():
+            raise WeightsError(f"{path}: the task embeddings hold NaN or infinite values; the file is corrupt.")
+        return task

@@ -1,0 +1,282 @@
+"""IrisPredictor: encode references once into task embeddings, then segment, tune and retrieve.
+
+Modelled on segment-anything's predictor: the expensive, reusable part (a reference's task
+embedding) is computed once and cached by the caller; every target costs one encoder and one
+decoder pass per window, for all classes at once.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..embeddings import TaskEmbedding
+from ..errors import Cancelled, DeviceError, InputError
+from ..model.iris import IrisModel
+from ..model.loss import dice_bce_loss
+from ..model.weights import model_id_of
+from ..preprocessing.grid import Grid, covering_grid, crop_grid, fit_spacing, labels_on_grid, resample
+from ..preprocessing.intensity import foreground_box, normalize, resolve_modality
+from ..preprocessing.windows import gaussian_weight, windows
+from ..segments import complete_segments, label_dtype, present_labels
+from ..volume import Volume
+from .retrieval import ReferencePool
+
+Progress = Callable[[float, str], None] | None
+Cancel = Callable[[], bool] | None
+
+
+def _report(progress: Progress, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(fraction, message)
+
+
+def _check_cancel(cancel: Cancel) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user; nothing was written.")
+
+
+class IrisPredictor:
+    def __init__(self, model: IrisModel) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.model_id = model.model_id or model_id_of(model.state_dict(), model.config)
+        # Counters a caller (or a test, or the benchmark) can read: work actually done.
+        self.references_encoded = 0
+        self.decoder_passes = 0
+
+    # ------------------------------------------------------------------ references
+    def encode_reference(
+        self,
+        image: Volume,
+        labels: Volume,
+        classes: list[int | str] | None = None,
+        modality: str | None = None,
+        progress: Progress = None,
+        cancel: Cancel = None,
+    ) -> TaskEmbedding:
+        """All chosen classes of one reference -> one task embedding (one encoder pass)."""
+        image.check_finite()
+        labels.check_label_map()
+        labels.check_matches(image)
+        present = present_labels(labels.array)
+        if not present:
+            raise InputError(f"reference label map {labels.name!r} has no labelled voxels: segment at least one structure in it.")
+        segments = complete_segments(labels.segments, present)
+        values = self._resolve_classes(classes, present, segments, labels.name)
+        modality = resolve_modality(image.array, modality)
+        _report(progress, 0.1, "preparing the reference")
+        lo, hi = foreground_box(image.array, modality)
+        spacing = fit_spacing(image.affine, lo, hi, self.config.working_size)
+        idx = np.argwhere(np.isin(labels.array, values))
+        center_index = (idx.min(0) + idx.max(0)) / 2
+        center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
+        grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
+        pixels = resample(self._normalized(image, modality), image.affine, grid)
+        masks = self._class_masks(labels, values, grid, segments)
+        _check_cancel(cancel)
+        _report(progress, 0.4, "encoding the reference")
+        with torch.no_grad():
+            tokens = self.model.encode_task(pixels[None], masks[None])[0]
+        self.references_encoded += 1
+        _report(progress, 1.0, "reference encoded")
+        return TaskEmbedding(
+            tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id, [labels.name or image.name or "reference"]
+        )
+
+    def _resolve_classes(self, classes: list[int | str] | None, present: list[int], segments: dict[int, dict], name: str) -> list[int]:
+        if not classes:
+            return present
+        by_name = {seg["name"].lower(): v for v, seg in segments.items()}
+        values = []
+        for c in classes:
+            value = int(c) if str(c).isdigit() else by_name.get(str(c).lower())
+            if value not in present:
+                listing = ", ".join(f"{v} ({segments[v]['name']})" for v in present)
+                raise InputError(f"class {c!r} is not in reference label map {name!r} (empty or absent); it holds: {listing}.")
+            values.append(value)
+        return list(dict.fromkeys(values))
+
+    def _class_masks(self, labels: Volume, values: list[int], grid: Grid, segments: dict[int, dict]) -> torch.Tensor:
+        """Binary masks (K, *grid) of the chosen classes on the working grid.
+
+        Nearest-neighbour labels; a structure thinner than a working voxel that vanishes that way is
+        taken from its linearly resampled mask instead, so no chosen class is silently lost."""
+        source = torch.from_numpy(labels.array.astype(np.int32))[None].to(self.device)
+        nearest = resample(source, labels.affine, grid, mode="nearest")[0].round().long()
+        masks = torch.stack([(nearest == v).float() for v in values])
+        for k, v in enumerate(values):
+            if masks[k].sum() == 0:
+                soft = resample((source == v).float(), labels.affine, grid)[0]
+                if soft.max() <= 0:
+                    raise InputError(
+                        f"class {segments[v]['name']!r} lies outside the {self.config.working_size}-voxel reference crop around the chosen classes: "
+                        "encode classes that lie far apart from separate references."
+                    )
+                masks[k] = (soft >= 0.5 * soft.max()).float()
+        return masks
+
+    # ------------------------------------------------------------------ targets
+    def segment(
+        self,
+        target: Volume,
+        task: TaskEmbedding,
+        progress: Progress = None,
+        cancel: Cancel = None,
+        allow_modality_mismatch: bool = False,
+    ) -> Volume:
+        """Every class of the task on the target, in one decoder pass per window; result on the target's grid."""
+        probabilities, grid = self.probabilities(target, task, progress, cancel, allow_modality_mismatch)
+        _report(progress, 0.95, "mapping the result back to the target grid")
+        labels = labels_on_grid(probabilities, grid.affine, Grid(target.shape, target.affine), task.label_values)
+        _check_cancel(cancel)
+        _report(progress, 1.0, "done")
+        return Volume(
+            labels.astype(label_dtype(max(task.label_values))), target.affine.copy(), name=f"{target.name or 'target'} segmentation",
+            segments={v: dict(task.segments.get(v, {})) for v in task.label_values},
+        )
+
+    def probabilities(
+        self, target: Volume, task: TaskEmbedding, progress: Progress = None, cancel: Cancel = None, allow_modality_mismatch: bool = False
+    ) -> tuple[torch.Tensor, Grid]:
+        """Per-class probabilities (K, *grid) on the working grid of the target."""
+        self._check_task(task)
+        target.check_finite()
+        modality = resolve_modality(target.array, None)
+        if task.modality and modality != task.modality and not allow_modality_mismatch:
+            raise InputError(
+                f"the reference is {task.modality} but the target looks like {modality}: use a reference of the target's modality "
+                "(or override the modality check if you are sure)."
+            )
+        pixels, grid = self._working_target(target, task.modality or modality, task.spacing)
+        tokens = task.tokens.to(self.device, torch.float32)[None]
+        tiles = windows(grid.shape, self.config.working_size)
+        total = torch.zeros((len(task.label_values), *grid.shape), device=self.device)
+        weight_sum = torch.zeros(grid.shape, device=self.device)
+        with torch.no_grad():
+            for n, tile in enumerate(tiles):
+                _check_cancel(cancel)
+                _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
+                try:
+                    logits = self.model.segment(pixels[(slice(None), *tile)][None], tokens)[0]
+                except torch.OutOfMemoryError:
+                    raise DeviceError("the GPU ran out of memory: close other GPU programs or choose the CPU.") from None
+                self.decoder_passes += 1
+                weight = gaussian_weight(logits.shape[1:], self.device) if len(tiles) > 1 else torch.ones(logits.shape[1:], device=self.device)
+                total[(slice(None), *tile)] += torch.sigmoid(logits) * weight
+                weight_sum[tile] += weight
+        return total / weight_sum.clamp_min(1e-6), grid
+
+    def _working_target(self, target: Volume, modality: str, spacing: float) -> tuple[torch.Tensor, Grid]:
+        """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
+        lo, hi = foreground_box(target.array, modality)
+        spacing = spacing or fit_spacing(target.affine, lo, hi, self.config.working_size)
+        grid = covering_grid(target.affine, lo, hi, spacing, self.config.total_stride)
+        return resample(self._normalized(target, modality), target.affine, grid), grid
+
+    def _normalized(self, image: Volume, modality: str) -> torch.Tensor:
+        return torch.from_numpy(normalize(image.array, modality))[None].to(self.device)
+
+    def _check_task(self, task: TaskEmbedding) -> None:
+        if task.model_id != self.model_id:
+            raise InputError(
+                f"this task was made by another model ({task.model_id}; loaded: {self.model_id}); "
+                "re-encode the references with the loaded model."
+            )
+
+    # ------------------------------------------------------------------ tuning
+    def tune(
+        self,
+        task: TaskEmbedding,
+        image: Volume,
+        corrected: Volume,
+        steps: int = 30,
+        learning_rate: float = 5e-3,
+        progress: Progress = None,
+        cancel: Cancel = None,
+    ) -> TaskEmbedding:
+        """In-context tuning: the network stays frozen; only the task embeddings are optimised
+        (Dice + BCE) to reproduce the corrected segmentation of `image`. Returns new embeddings."""
+        self._check_task(task)
+        image.check_finite()
+        corrected.check_label_map()
+        corrected.check_matches(image)
+        if steps < 1:
+            raise InputError("the number of tuning steps must be at least 1.")
+        if not set(present_labels(corrected.array)) & set(task.label_values):
+            raise InputError(
+                f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
+                "tune on a segmentation of this task's classes."
+            )
+        pixels, grid = self._working_target(image, task.modality or resolve_modality(image.array, None), task.spacing)
+        truth = resample(torch.from_numpy(corrected.array.astype(np.int32))[None].to(self.device), corrected.affine, grid, mode="nearest")[0].round()
+        truth = torch.stack([(truth == v).float() for v in task.label_values])
+        tiles = windows(grid.shape, self.config.working_size)
+        with torch.no_grad():
+            features = [self.model.encoder(pixels[(slice(None), *t)][None]) for t in tiles]
+        tokens = task.tokens.to(self.device, torch.float32).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([tokens], lr=learning_rate)
+        frozen = [p.requires_grad for p in self.model.parameters()]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tuning_losses: list[float] = []
+        try:
+            for step in range(steps):
+                _check_cancel(cancel)
+                optimizer.zero_grad()
+                loss = sum(
+                    dice_bce_loss(self.model.decoder(f, tokens[None], tuple(truth[(slice(None), *t)].shape[1:])), truth[(slice(None), *t)][None])
+                    for f, t in zip(features, tiles)
+                ) / len(tiles)
+                loss.backward()
+                optimizer.step()
+                self.tuning_losses.append(float(loss.detach()))
+                _report(progress, (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
+        finally:
+            for p, flag in zip(self.model.parameters(), frozen):
+                p.requires_grad_(flag)
+        return replace(task, tokens=tokens.detach().cpu(), sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps)"])
+
+    # ------------------------------------------------------------------ retrieval and memory bank
+    def segment_with_retrieval(
+        self, target: Volume, pool: ReferencePool | list[TaskEmbedding], top_k: int = 1, progress: Progress = None, cancel: Cancel = None
+    ) -> Volume:
+        """Object-level retrieval: segment with the pool's ensemble, encode the target's own classes
+        from that first result, pick per class the most similar references, segment again."""
+        pool = pool if isinstance(pool, ReferencePool) else ReferencePool(pool)
+        initial = self.segment(target, pool.ensemble(), lambda f, m: _report(progress, 0.4 * f, m), cancel)
+        found = present_labels(initial.array)
+        if not found:
+            return initial
+        own = self.encode_reference(target, initial, classes=found, modality=pool.modality)
+        chosen = pool.closest(own, top_k)
+        return self.segment(target, chosen, lambda f, m: _report(progress, 0.5 + 0.5 * f, m), cancel)
+
+    @staticmethod
+    def _memory_modality(key: str) -> str:
+        """CT or MR from the training set's name; '' (any) for classes learned from synthetic images."""
+        dataset = key.split("/", 1)[0]
+        return "" if dataset.startswith("LabelMaps_") else "CT" if dataset.endswith("_CT") or "_CT_" in dataset else "MR"
+
+    def memory_bank_task(self, names: list[str]) -> TaskEmbedding:
+        """Classes learned in training, by name ('liver' or 'Abdomen_MRI/liver'), with no reference."""
+        keys = list(self.config.memory_classes)
+        if not keys:
+            raise InputError("these weights carry no memory bank; segment with a reference instead.")
+        rows, segments = [], {}
+        for n, name in enumerate(names, start=1):
+            matches = [i for i, k in enumerate(keys) if name.lower() in (k.lower(), k.split("/", 1)[1].lower())]
+            if len(matches) != 1:
+                hint = ", ".join(keys[i] for i in matches) if matches else ", ".join(keys)
+                raise InputError(f"{'ambiguous' if matches else 'unknown'} memory-bank class {name!r}; choose one of: {hint}.")
+            rows.append(matches[0])
+            segments[n] = {"name": keys[matches[0]].split("/", 1)[1]}
+        modality = self._memory_modality(keys[rows[0]])
+        values = list(range(1, len(names) + 1))
+        return TaskEmbedding(
+            self.model.memory_bank[rows].float().cpu(), values, complete_segments(segments, values), modality, 0.0, self.model_id, ["memory bank"]
+        )
+

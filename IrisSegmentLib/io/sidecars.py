@@ -1,0 +1,85 @@
+"""Label names stored beside NIfTI/NRRD label maps, which cannot hold them.
+
+Two sources: a Slicer color table `<stem>.ctbl` next to the file (what Slicer and write_label_map use),
+and the "labels" of an nnU-Net `dataset.json` two folders up (`<Dataset>/labelsTr/case.nii.gz`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ._files import file_stem
+
+
+def color_table_path(label_map: Path, suffix: str) -> Path:
+    """`<stem>.ctbl` beside the label map: "case.nii.gz" -> "case.ctbl"."""
+    return label_map.with_name(file_stem(label_map, suffix) + ".ctbl")
+
+
+def read_color_table(path: Path) -> dict[int, dict]:
+    """Label value -> {"name", "color"} from a Slicer .ctbl (lines `value name r g b a`, 0-255, '#' comments)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: could not read this color table ({exc}); fix or remove it.") from exc
+    segments: dict[int, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            if len(fields) not in (5, 6):
+                raise ValueError
+            value = int(fields[0])
+            rgb = [round(float(c)) for c in fields[2:5]]
+            if value < 0 or not all(0 <= c <= 255 for c in rgb):
+                raise ValueError
+        except ValueError:
+            raise InputError(
+                f"{path}, line {number}: expected 'value name r g b a' with colors in 0-255, got {line.strip()!r}; "
+                "fix or remove the color table."
+            ) from None
+        # As Slicer reads it: quotes (from scene files) dropped, underscores back to the spaces they stood for.
+        segments[value] = {"name": fields[1].strip("'").replace("_", " "), "color": tuple(c / 255 for c in rgb)}
+    return segments
+
+
+def write_color_table(segments: dict[int, dict], path: Path) -> None:
+    """Write names and colors as a Slicer .ctbl.
+
+    Names are one word in this format: as Slicer does, spaces are written as underscores (and underscores read
+    back as spaces), so a name with underscores comes back with spaces, in Slicer and in read_color_table.
+    """
+    lines = ["# Color table written by IrisSegment: value name r g b a (0-255)", "0 Background 0 0 0 0"]
+    for value, segment in sorted(segments.items()):
+        r, g, b = (round(c * 255) for c in segment["color"])
+        lines.append(f"{value} {'_'.join(segment['name'].split())} {r} {g} {b} 255")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def dataset_label_names(label_map: Path) -> dict[int, str]:
+    """Label value -> name from `<Dataset>/dataset.json` for `<Dataset>/<labels folder>/<case>`; {} if there is none.
+
+    Accepts nnU-Net v2 ("name": value) and the older MSD / nnU-Net v1 form ("value": "name"); region
+    entries (a name for a list of values) name no single label and are skipped.
+    """
+    json_path = label_map.absolute().parent.parent / "dataset.json"
+    if not json_path.is_file():
+        return {}
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(
+            f"{json_path}: could not be read as JSON ({exc}); it names the labels of {label_map.name}: fix or move it."
+        ) from exc
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            names[value] = str(key)
+        elif isinstance(value, str) and str(key).isdigit():
+            names[int(key)] = value
+    return names

@@ -1,0 +1,132 @@
+"""Working grids and resampling between any oriented voxel grid and an RAS-aligned isotropic one.
+
+Every resampling is one `grid_sample` call driven by the exact voxel-to-voxel affine, so oblique,
+flipped and anisotropic inputs need no separate reorientation step and the way back to the
+target's original grid is the same function with the roles swapped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# grid_sample's last axis is (x, y, z) = (k, j, i) of a (C, I, J, K) tensor.
+_XYZ_TO_IJK = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: shape (I, J, K) and its 4x4 index -> RAS affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def rows(self, start: int, stop: int) -> "Grid":
+        """The sub-grid of index rows start..stop-1 along the first axis."""
+        shift = np.eye(4)
+        shift[0, 3] = start
+        return Grid((stop - start, self.shape[1], self.shape[2]), self.affine @ shift)
+
+
+def box_world_bounds(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RAS min/max of the voxel-edge corners of the index box lo..hi (inclusive)."""
+    edges = [(lo[a] - 0.5, hi[a] + 0.5) for a in range(3)]
+    corners = np.array([[i, j, k, 1.0] for i in edges[0] for j in edges[1] for k in edges[2]])
+    world = corners @ affine.T
+    return world[:, :3].min(0), world[:, :3].max(0)
+
+
+def aligned_grid(center: np.ndarray, spacing: float, shape: tuple[int, int, int]) -> Grid:
+    """An RAS-aligned isotropic grid of `shape` centred on `center`."""
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = np.asarray(center) - spacing * (np.asarray(shape) - 1) / 2
+    return Grid(tuple(int(s) for s in shape), affine)
+
+
+def _round_up(n: float, multiple: int) -> int:
+    return max(multiple, int(math.ceil(n / multiple - 1e-6)) * multiple)
+
+
+def fit_spacing(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: int) -> float:
+    """Isotropic spacing at which the index box lo..hi fits `size` voxels a side, but never finer
+    than 3/4 of the volume's finest voxel (upsampling past that adds cost, not detail)."""
+    wmin, wmax = box_world_bounds(affine, lo, hi)
+    native = float(np.linalg.norm(affine[:3, :3], axis=0).min())
+    return max(float((wmax - wmin).max()) / size, 0.75 * native)
+
+
+def covering_grid(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, spacing: float, multiple: int, max_size: int | None = None) -> Grid:
+    """The RAS grid at `spacing` covering the index box lo..hi, each side a multiple of `multiple`."""
+    wmin, wmax = box_world_bounds(affine, lo, hi)
+    shape = [_round_up(e / spacing, multiple) for e in wmax - wmin]
+    if max_size:
+        shape = [min(n, _round_up(max_size, multiple)) for n in shape]
+    return aligned_grid((wmin + wmax) / 2, spacing, tuple(shape))  # type: ignore[arg-type]
+
+
+def fit_grid(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: int, multiple: int) -> Grid:
+    """The RAS grid, at most `size` voxels a side, covering the index box lo..hi of a volume."""
+    return covering_grid(affine, lo, hi, fit_spacing(affine, lo, hi, size), multiple, max_size=size)
+
+
+def crop_grid(affine: np.ndarray, volume_shape: tuple[int, ...], center: np.ndarray, spacing: float, size: int, multiple: int) -> Grid:
+    """A grid at `spacing` centred on `center` (RAS), `size` voxels a side at most and no larger
+    than the volume's own extent needs: a reference crop around its labels."""
+    wmin, wmax = box_world_bounds(affine, np.zeros(3), np.array(volume_shape) - 1)
+    shape = tuple(min(_round_up(e / spacing, multiple), _round_up(size, multiple)) for e in wmax - wmin)
+    return aligned_grid(center, spacing, shape)  # type: ignore[arg-type]
+
+
+def _normalized_to_index(shape: tuple[int, ...]) -> np.ndarray:
+    """4x4 map from grid_sample's normalised (x, y, z) (align_corners=False) to voxel (i, j, k)."""
+    n = np.asarray(shape, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(n / 2) @ _XYZ_TO_IJK
+    m[:3, 3] = (n - 1) / 2
+    return m
+
+
+def resample(
+    data: torch.Tensor,
+    source_affine: np.ndarray,
+    grid: Grid,
+    mode: str = "bilinear",
+    world_transform: np.ndarray | None = None,
+    padding: str = "zeros",
+) -> torch.Tensor:
+    """Sample `data` (C, I, J, K) on `grid`, returning (C, *grid.shape).
+
+    `world_transform` (4x4, RAS -> RAS) moves where each grid point samples from: augmentation
+    composes it here so images are interpolated once.
+    """
+    world = grid.affine if world_transform is None else world_transform @ grid.affine
+    theta = np.linalg.inv(_normalized_to_index(data.shape[1:])) @ np.linalg.inv(source_affine) @ world @ _normalized_to_index(grid.shape)
+    theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=data.device)[None]
+    coords = F.affine_grid(theta_t, [1, data.shape[0], *grid.shape], align_corners=False)
+    source = data[None] if data.is_floating_point() else data[None].float()
+    return F.grid_sample(source, coords, mode=mode, padding_mode=padding, align_corners=False)[0]
+
+
+def labels_on_grid(
+    probabilities: torch.Tensor, source_affine: np.ndarray, grid: Grid, label_values: list[int], threshold: float = 0.5, slab: int = 8
+) -> np.ndarray:
+    """Per-class probabilities (K, ...) on a working grid -> label map on `grid` (the target's own).
+
+    Probabilities are interpolated linearly, a slab of rows at a time so memory stays bounded on
+    large targets; a voxel takes the most probable class where that exceeds `threshold`.
+    """
+    values = torch.tensor([0, *label_values], dtype=torch.int64, device=probabilities.device)
+    out = np.zeros(grid.shape, dtype=np.int64)
+    for start in range(0, grid.shape[0], slab):
+        stop = min(grid.shape[0], start + slab)
+        probs = resample(probabilities, source_affine, grid.rows(start, stop))
+        best, index = probs.max(0)
+        out[start:stop] = torch.where(best > threshold, values[index + 1], values[0]).cpu().numpy()
+    return out

@@ -1,0 +1,211 @@
+"""Training data: every set in a data root, loaded once into memory, and episode sampling.
+
+Three kinds of set, all in the nnU-Net layout of ../shared/data:
+- paired: several scans with labels; reference and query are different cases;
+- single: one or two scans; reference and query are two augmented views (or the other case);
+- synthetic: label maps only; images are synthesised per episode (SynthSeg-style), with one
+  label-to-intensity draw shared by reference and query so the task stays well posed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import read_image, read_label_map
+from ..preprocessing.grid import aligned_grid, fit_grid, resample
+from ..preprocessing.intensity import foreground_box, normalize
+from .augment import IntensityAugment, LabelSynthesizer, random_world_transform
+
+SPLIT_FILE = Path(__file__).resolve().parents[2] / "Resources" / "splits.json"
+# Label values at or above this in the SynthSeg brain maps are unnamed extra-cerebral tissue:
+# they shape synthetic images but are never asked for as classes.
+MAX_NAMED_SYNTH_LABEL = 100
+
+
+@dataclass
+class Case:
+    dataset: str
+    case_id: str
+    image: torch.Tensor | None            # (1, I, J, K) normalised float16, None for label-map-only sets
+    labels: torch.Tensor                  # (1, I, J, K) int16
+    affine: np.ndarray
+    base_spacing: float                   # working spacing the inference pipeline would pick for it
+    class_voxels: dict[int, np.ndarray]   # label -> sample of its voxel indices (n, 3)
+
+
+@dataclass
+class TrainingSet:
+    name: str
+    kind: str                              # "paired" | "single" | "synthetic"
+    modality: str
+    label_names: dict[int, str]
+    cases: list[Case] = field(default_factory=list)
+    weight: float = 1.0
+
+    def class_key(self, value: int) -> str:
+        return f"{self.name}/{self.label_names.get(value, f'label_{value}')}"
+
+
+@dataclass
+class Episode:
+    reference: torch.Tensor        # (1, 1, P, P, P)
+    reference_masks: torch.Tensor  # (1, K, P, P, P)
+    query: torch.Tensor            # (1, 1, P, P, P)
+    query_masks: torch.Tensor      # (1, K, P, P, P)
+    class_keys: list[str]
+
+
+def load_split(path: Path = SPLIT_FILE) -> dict[str, list[str]]:
+    """Held-out case ids per dataset: never used for training, used for evaluation."""
+    return json.loads(path.read_text())["heldout"] if path.exists() else {}
+
+
+def _class_voxels(labels: np.ndarray, values: list[int], rng: np.random.Generator, keep: int = 256) -> dict[int, np.ndarray]:
+    out = {}
+    for v in values:
+        idx = np.argwhere(labels == v)
+        if len(idx):
+            out[v] = idx[rng.choice(len(idx), size=min(keep, len(idx)), replace=False)].astype(np.int16)
+    return out
+
+
+def load_set(folder: Path, working_size: int, heldout: set[str], weight: float) -> TrainingSet:
+    meta = json.loads((folder / "dataset.json").read_text())
+    names = {int(v): k for k, v in meta["labels"].items() if int(v) != 0}
+    synthetic = not (folder / "imagesTr").exists()
+    label_files = sorted((folder / "labelsTr").glob("*.nii.gz"))
+    channel = next(iter(meta.get("channel_names", {}).values()), "MR")
+    tset = TrainingSet(folder.name, "synthetic" if synthetic else "paired", "CT" if channel == "CT" else "MR", names, weight=weight)
+    rng = np.random.default_rng(0)
+    for lf in label_files:
+        case_id = lf.name[: -len(".nii.gz")]
+        if case_id in heldout:
+            continue
+        label_map = read_label_map(lf)
+        labels, affine = label_map.array.astype(np.int16), label_map.affine
+        image = None
+        if synthetic:
+            lo, hi = foreground_box((labels > 0).astype(np.float32), "MR", margin=2)
+        else:
+            raw = read_image(folder / "imagesTr" / f"{case_id}_0000.nii.gz").array.astype(np.float32)
+            lo, hi = foreground_box(raw, tset.modality)
+            image = torch.from_numpy(normalize(raw, tset.modality)).to(torch.float16)[None]
+        values = [v for v in np.unique(labels).tolist() if v != 0 and (not synthetic or v < MAX_NAMED_SYNTH_LABEL)]
+        spacing = float(fit_grid(affine, lo, hi, working_size, 16).spacing[0])
+        tset.cases.append(Case(folder.name, case_id, image, torch.from_numpy(labels)[None], affine, spacing, _class_voxels(labels, values, rng)))
+    if not synthetic and len(tset.cases) <= 2:
+        tset.kind = "single"
+    return tset
+
+
+DEFAULT_WEIGHTS = {
+    "HeadNeck_CT": 3.0, "Hippocampus_MRI": 2.0, "Abdomen_MRI": 2.0, "LabelMaps_Abdomen": 1.5,
+    "LabelMaps_Brain": 1.5, "Brain_T1": 0.5, "TotalSeg_CT_example": 0.5, "TotalSeg_MR_example": 0.5,
+    "SpinalCord_MRI": 0.3, "Tumor_MRI": 0.3,
+}
+
+
+def load_all(root: Path, working_size: int, datasets: list[str] | None = None) -> list[TrainingSet]:
+    split = load_split()
+    sets = []
+    for folder in sorted(p for p in root.iterdir() if (p / "dataset.json").exists()):
+        if datasets and folder.name not in datasets:
+            continue
+        sets.append(load_set(folder, working_size, set(split.get(folder.name, [])), DEFAULT_WEIGHTS.get(folder.name, 1.0)))
+    return [s for s in sets if s.cases]
+
+
+class EpisodeSampler:
+    """Draws one in-context task: a reference and a query crop of the same set, a random class subset."""
+
+    def __init__(self, sets: list[TrainingSet], patch: int, max_classes: int = 4) -> None:
+        self.sets = sets
+        self.patch = patch
+        self.max_classes = max_classes
+        weights = np.array([s.weight for s in sets])
+        self.set_probs = weights / weights.sum()
+        self.augment = IntensityAugment()
+        self.synthesizer = LabelSynthesizer()
+
+    def class_keys(self) -> list[str]:
+        return sorted({s.class_key(v) for s in self.sets for c in s.cases for v in c.class_voxels})
+
+    def sample(self, rng: np.random.Generator) -> Episode:
+        for _ in range(50):
+            episode = self._try(rng)
+            if episode is not None:
+                return episode
+        raise RuntimeError("could not draw an episode with a visible class in 50 tries; check the data")
+
+    def _try(self, rng: np.random.Generator) -> Episode | None:
+        tset = self.sets[rng.choice(len(self.sets), p=self.set_probs)]
+        ref_case = tset.cases[rng.integers(len(tset.cases))]
+        if tset.kind == "single" and (len(tset.cases) == 1 or rng.random() < 0.5):
+            query_case = ref_case
+        else:
+            others = [c for c in tset.cases if c is not ref_case]
+            query_case = others[rng.integers(len(others))]
+        common = sorted(set(ref_case.class_voxels) & set(query_case.class_voxels))
+        if not common:
+            return None
+        chosen = [int(v) for v in rng.choice(common, size=min(len(common), int(rng.integers(1, self.max_classes + 1))), replace=False)]
+        spacing = query_case.base_spacing * rng.uniform(0.85, 1.15)
+        focus = chosen[rng.integers(len(chosen))]
+        q_center = self._center(query_case, [focus], rng, spread=0.25)
+        r_center = self._center(ref_case, chosen, rng, spread=0.1)
+        query_img, query_lab = self._crop(query_case, q_center, spacing, rng)
+        ref_img, ref_lab = self._crop(ref_case, r_center, spacing * rng.uniform(0.9, 1.1), rng)
+        values = torch.tensor(chosen, dtype=torch.int16)[:, None, None, None]
+        ref_masks = (ref_lab == values).float()
+        keep = ref_masks.flatten(1).sum(1) >= 8
+        if not keep.any():
+            return None
+        chosen = [v for v, k in zip(chosen, keep.tolist()) if k]
+        ref_masks = ref_masks[keep]
+        query_masks = (query_lab == values[keep]).float()
+        if tset.kind == "synthetic":
+            table = self.synthesizer.draw_table(rng)
+            ref_img = self.synthesizer(ref_lab, table, rng)
+            query_img = self.synthesizer(query_lab, table, rng)
+        seed = int(rng.integers(2**31))
+        ref_img = self.augment(ref_img, seed)
+        query_img = self.augment(query_img, seed + 1)
+        return Episode(ref_img[None], ref_masks[None], query_img[None], query_masks[None], [tset.class_key(v) for v in chosen])
+
+    def _center(self, case: Case, values: list[int], rng: np.random.Generator, spread: float) -> np.ndarray:
+        """A world point near the chosen classes: a random voxel of one (query) or their joint centre (reference)."""
+        pts = np.concatenate([case.class_voxels[v] for v in values]).astype(np.float64)
+        point = pts[rng.integers(len(pts))] if len(values) == 1 else (pts.min(0) + pts.max(0)) / 2
+        world = case.affine[:3, :3] @ point + case.affine[:3, 3]
+        return world + rng.normal(0, spread * self.patch * case.base_spacing / 2, 3)
+
+    def _crop(self, case: Case, center: np.ndarray, spacing: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = aligned_grid(center, spacing, (self.patch,) * 3)
+        transform = random_world_transform(center, rng)
+        labels = resample(case.labels, case.affine, grid, mode="nearest", world_transform=transform).to(torch.int16)
+        if case.image is None:
+            return torch.zeros((1, *grid.shape)), labels
+        image = resample(case.image.float(), case.affine, grid, world_transform=transform, padding="border")
+        return image, labels
+
+
+class EpisodeStream(torch.utils.data.IterableDataset):
+    """Episodes for steps start..stop in order, each drawn from its own (seed, rank, step, micro) RNG.
+
+    Served by a DataLoader worker so sampling overlaps the optimiser step; the order, and so the
+    run, stays a pure function of the step number.
+    """
+
+    def __init__(self, sampler: EpisodeSampler, seed: int, rank: int, start: int, stop: int, per_step: int) -> None:
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.start, self.stop, self.per_step = start, stop, per_step
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        for step in range(self.start, self.stop):
+            for micro in range(self.per_step):
+                yield self.sampler.sample(np.random.default_rng([self.seed, self.rank, step, micro]))

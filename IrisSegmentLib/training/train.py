@@ -1,0 +1,152 @@
+"""Episodic in-context training (Iris recipe scaled to CPU), resumable exactly and DDP-ready.
+
+Each step draws episodes from the data root (a reference and a query of one set, a random class
+subset), optimises Dice + BCE, and updates the memory bank by EMA. Episodes are a pure function
+of (seed, step), so a resumed run draws exactly what the interrupted one would have drawn.
+Run with plain python on a CPU or under `torchrun --nproc_per_node=N` on GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..model.config import IrisConfig
+from ..model.iris import IrisModel
+from ..model.loss import dice_bce_loss
+from ..model.weights import save_model
+from .data import EpisodeSampler, EpisodeStream, load_all
+
+log = logging.getLogger("iris.train")
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="iris-segment train", description=__doc__)
+    p.add_argument("--data", type=Path, required=True, help="data root with one nnU-Net-layout folder per set")
+    p.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, log, exported weights")
+    p.add_argument("--steps", type=int, default=40000, help="total optimiser steps of the schedule")
+    p.add_argument("--patch", type=int, default=64, help="training crop size in voxels (the working spacing stays that of a full target)")
+    p.add_argument("--episodes-per-step", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--ema", type=float, default=0.999, help="memory bank momentum")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--datasets", nargs="*", help="only these sets (default: all in --data)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--stop-after", type=float, default=0, help="stop cleanly after this many hours (0: run to --steps)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.FileHandler(args.output / "train.log"), logging.StreamHandler()],
+    )
+    base_config = IrisConfig()
+    sets = load_all(args.data, base_config.working_size, args.datasets)
+    sampler = EpisodeSampler(sets, args.patch)
+    class_keys = sampler.class_keys()
+    config = replace(base_config, memory_classes=tuple(class_keys))
+    log.info("sets: %s", ", ".join(f"{s.name} ({s.kind}, {len(s.cases)} cases)" for s in sets))
+    torch.manual_seed(args.seed)
+    model = IrisModel(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start, hours_before = 0, 0.0
+    ckpt_path = args.output / "last.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["config"] != config.to_json():
+            raise SystemExit(f"{ckpt_path} was trained with other settings or data; use a new --output folder")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, hours_before = ckpt["step"], ckpt["hours"]
+        log.info("resumed at step %d", start)
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    class_index = {k: i for i, k in enumerate(class_keys)}
+    began = time.time()
+    window: list[float] = []
+    step = start
+    stream = EpisodeStream(sampler, args.seed, rank, start, args.steps, args.episodes_per_step)
+    episodes = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False))
+    while step < args.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(args.episodes_per_step):
+            ep = next(episodes)
+            logits, tokens = net(ep.reference.to(device), ep.reference_masks.to(device), ep.query.to(device))
+            loss = dice_bce_loss(logits, ep.query_masks.to(device)) / args.episodes_per_step
+            loss.backward()
+            total += float(loss.detach())
+            with torch.no_grad():
+                for key, emb in zip(ep.class_keys, tokens[0].detach()):
+                    row = class_index[key]
+                    bank = model.memory_bank[row]
+                    bank.copy_(emb if not bank.any() else args.ema * bank + (1 - args.ema) * emb)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        window.append(time.time() - t0)
+        if rank == 0 and step % 20 == 0:
+            log.info("step %d loss %.4f lr %.2e %.2f s/step", step, total, optimizer.param_groups[0]["lr"], float(np.mean(window[-20:])))
+        stop = args.stop_after and (time.time() - began) / 3600 >= args.stop_after
+        if rank == 0 and (step % args.checkpoint_every == 0 or step == args.steps or stop):
+            checkpoint(model, optimizer, step, config, args, hours_before + (time.time() - began) / 3600)
+        if stop:
+            break
+    if distributed:
+        dist.destroy_process_group()
+
+
+def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, config: IrisConfig, args: argparse.Namespace, hours: float) -> None:
+    """Resume state (atomic) plus the exported inference weights with their provenance."""
+    tmp = args.output / "last.pt.part"
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "hours": hours, "config": config.to_json()}
+    torch.save(state, tmp)
+    os.replace(tmp, args.output / "last.pt")
+    provenance = {
+        "steps": step,
+        "train_hours": round(hours, 3),
+        "device": str(next(model.parameters()).device),
+        "patch": args.patch,
+        "episodes_per_step": args.episodes_per_step,
+        "lr": args.lr,
+        "data": sorted({k.split("/")[0] for k in config.memory_classes}),
+        "heldout": "Resources/splits.json",
+    }
+    save_model(model, args.output / f"iris_step{step:06d}.safetensors", provenance)
+    log.info("checkpoint at step %d", step)
+
+
+if __name__ == "__main__":
+    main()
