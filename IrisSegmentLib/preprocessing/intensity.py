@@ -36,7 +36,7 @@ def normalize(array: np.ndarray, modality: str) -> np.ndarray:
         data = np.clip(data, *CT_WINDOW)
     else:
         sample = data.ravel()[:: max(1, data.size // 2_000_000)]
-        low, high = np.percentile(sample, MR_PERCENTILES)
+        low, high = (float(v) for v in np.percentile(sample, MR_PERCENTILES))  # numpy scalars would promote to float64
         data = np.clip(data, low, high)
     std = float(data.std())
     if std < 1e-6:

@@ -1,0 +1,359 @@
+"""The IrisSegment panel's logic without Qt: references in, a new segmentation out; tune, undo, save, export.
+
+Every action reads the scene into numpy on the main thread (scene_bridge), runs the engine on the
+persistent worker thread, and changes the scene only when the main thread collects the finished job
+(`Job.poll()` from the panel's QTimer, `Job.result()` in tests and scripts). So an error or Cancel
+leaves the scene as it was, and Slicer stays responsive while torch works.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..device import describe
+from ..embeddings import TaskEmbedding, class_key
+from ..errors import DeviceError, InputError
+from ..inference.predictor import IrisPredictor
+from ..model.weights import load_model
+from ..volume import Volume
+from . import scene_bridge
+from .worker import CancelRequested, Job, Progress, Worker
+
+STRATEGIES = ("one-shot", "ensemble", "retrieval")
+UNDO_DEPTH = 5  # results kept for Undo; each is a copy of one segmentation
+
+
+@dataclass
+class Reference:
+    """A reference scan and its segmentation; `segment_ids` picks the segments to transfer (None: all)."""
+
+    volume: object
+    segmentation: object
+    segment_ids: list[str] | None = None
+
+
+@dataclass
+class _UndoState:
+    node: object
+    content: object  # vtkSegmentation copy
+    task: TaskEmbedding | None
+    task_key: tuple | None
+
+
+def _class_key(value: int, segment: dict) -> str:
+    """The engine's class identity, ignoring Slicer's default terminology: every new segment carries
+    that "Tissue" tag, so it would make all classes of a Slicer-made file one class."""
+    if segment.get("terminology") == scene_bridge.default_terminology():
+        segment = {k: v for k, v in segment.items() if k != "terminology"}
+    return class_key(value, segment)
+
+
+class _ClassValues:
+    """One label value per class across all sources of a run (the engine refuses a value naming two classes).
+
+    Task files keep their values; a reference segment takes the value of its class, or the next free one.
+    """
+
+    def __init__(self, tasks: list[TaskEmbedding]) -> None:
+        self._values: dict[str, int] = {}
+        for task in tasks:
+            for value in task.label_values:
+                self._values.setdefault(_class_key(value, task.segments.get(value, {})), value)
+
+    def __call__(self, segment: dict) -> int:
+        key = _class_key(0, segment)
+        if key not in self._values:
+            self._values[key] = max(self._values.values(), default=0) + 1
+        return self._values[key]
+
+
+def _digest(*arrays: np.ndarray, text: str = "") -> str:
+    """Content hash: a reference is re-encoded only when its voxels, labels or segments changed."""
+    digest = hashlib.blake2b(text.encode(), digest_size=16)
+    for array in arrays:
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
+
+
+def _scaled(progress: Progress, start: float, stop: float) -> Progress:
+    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
+
+
+def _device_errors(work: Callable[[Progress, CancelRequested], object]) -> Callable[[Progress, CancelRequested], object]:
+    """GPU failures as messages a user can act on, whichever engine step raised them."""
+
+    def guarded(progress: Progress, cancel: CancelRequested) -> object:
+        try:
+            return work(progress, cancel)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise DeviceError("the GPU ran out of memory: close other programs using the GPU, or choose the CPU (Model > Device) and run again.") from None
+        except MemoryError:
+            raise DeviceError("the computer ran out of memory: close other programs, or crop the target volume (Crop Volume module).") from None
+        except RuntimeError as exc:
+            if "CUDA" not in str(exc) and "cuDNN" not in str(exc):
+                raise
+            first_line = str(exc).strip().splitlines()[0]
+            raise DeviceError(
+                f"the GPU failed ({first_line}). The installed torch may not match the NVIDIA driver: reinstall torch "
+                "from the PyTorch extension (PyTorch Utils module), or choose the CPU (Model > Device)."
+            ) from None
+
+    return guarded
+
+
+class IrisSceneLogic:
+    """Segment, tune, undo, save and export against the MRML scene (`slicer.mrmlScene`).
+
+    `predictor` may be injected (tests, scripts); otherwise the model is loaded on the worker thread
+    from `weights` (None: the bundled file) on `device` ("auto", "cuda" or "cpu") by the first job.
+    One job runs at a time.
+    """
+
+    def __init__(self, predictor: IrisPredictor | None = None, weights: str | Path | None = None, device: str = "auto") -> None:
+        self.worker = Worker()
+        self.predictor = predictor  # set on the worker thread when loaded there; only read elsewhere
+        self._settings = (str(weights) if weights else None, device)
+        self.task: TaskEmbedding | None = None  # behind the last result: what Tune tunes and Save task saves
+        self._task_key: tuple | None = None  # the sources and strategy it came from
+        self._encoded: dict[str, TaskEmbedding] = {}
+        self._undo: list[_UndoState] = []
+        self._job: Job | None = None
+
+    # ------------------------------------------------------------------ model and state
+    def set_model(self, weights: str | Path | None, device: str) -> None:
+        """Use other weights or another device from the next job on (embeddings fit only their model)."""
+        self._check_idle()
+        settings = (str(weights) if weights else None, device)
+        if settings != self._settings or self.predictor is None:
+            self._settings = settings
+            self.predictor = None
+            self._encoded.clear()
+            self.task, self._task_key = None, None
+
+    @property
+    def device_description(self) -> str:
+        """Where the model runs, e.g. 'CPU (8 threads)'; '' before it is loaded."""
+        return describe(self.predictor.device) if self.predictor is not None else ""
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.predictor is not None and self.predictor.device.type == "cpu"
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None and not self._job.collected
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def shutdown(self) -> None:
+        """Cancel the running job and stop the worker thread (module cleanup)."""
+        if self._job is not None:
+            self._job.cancel()
+        self.worker.shutdown(timeout=10)
+
+    def start_load_model(self) -> Job:
+        """Load the model now (normally the first Segment does it), e.g. to show the device used."""
+        self._check_idle()
+        return self._submit("Loading the model", lambda progress, cancel: describe(self._predictor(progress).device), lambda description: description)
+
+    # ------------------------------------------------------------------ segment
+    def start_segment(
+        self,
+        target,
+        sources: Sequence[Reference | TaskEmbedding],
+        strategy: str = "one-shot",
+        output=None,
+        allow_modality_mismatch: bool = False,
+    ) -> Job:
+        """Segment `target` with the classes of `sources` (references and/or loaded task files).
+
+        The result goes to a new segmentation node, or replaces the content of `output` (kept for Undo);
+        the job's result is that node. A task built earlier from the same sources and strategy is reused
+        as it is, including what Tune taught it.
+        """
+        self._check_idle()
+        if strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        if not sources:
+            raise InputError("Add a reference (a scan and its segmentation) or a task file first.")
+        if strategy == "one-shot" and len(sources) > 1:
+            raise InputError(f"One-shot takes one reference and {len(sources)} are listed: choose Ensemble or Retrieval to use several.")
+        image = scene_bridge.volume_from_node(target, "target")
+        references = [s for s in sources if isinstance(s, Reference)]
+        files = [s for s in sources if isinstance(s, TaskEmbedding)]
+        self._check_output(output, references)
+        value_of = _ClassValues(files)
+        pairs = []
+        for number, reference in enumerate(references, start=1):
+            role = f"reference {number}"
+            reference_image = scene_bridge.volume_from_node(reference.volume, role)
+            scene_bridge.check_segmentation(reference.segmentation, role)
+            labels = scene_bridge.labels_from_segmentation(
+                reference.segmentation, reference.volume, reference_image, reference.segment_ids, value_of, allow_empty=False
+            )
+            digest = _digest(reference_image.array, reference_image.affine, labels.array, text=repr(sorted(labels.segments.items())))
+            pairs.append((reference_image, labels, digest))
+        key = (strategy, tuple(digest for *_, digest in pairs), tuple(_digest(t.tokens.numpy()) for t in files))
+        reused = self.task if key == self._task_key else None
+        cached = {digest: self._encoded[digest] for *_, digest in pairs if digest in self._encoded}
+
+        def work(progress: Progress, cancel: CancelRequested) -> tuple[Volume, TaskEmbedding, dict[str, TaskEmbedding]]:
+            predictor = self._predictor(progress)
+            segment_progress = _scaled(progress, 0.3, 1.0)
+            if reused is not None:
+                return predictor.segment(image, reused, segment_progress, cancel, allow_modality_mismatch), reused, {}
+            encoded: dict[str, TaskEmbedding] = {}
+            tasks = []
+            for n, (reference_image, labels, digest) in enumerate(pairs):
+                if digest not in cached and digest not in encoded:
+                    step = _scaled(progress, 0.3 * n / len(pairs), 0.3 * (n + 1) / len(pairs))
+                    encoded[digest] = predictor.encode_reference(reference_image, labels, progress=step, cancel=cancel)
+                tasks.append(cached.get(digest) or encoded[digest])
+            tasks += files
+            if strategy == "retrieval":
+                # Tune and Save task then use the pool's ensemble: the engine does not return the retrieved task.
+                result = predictor.segment_with_retrieval(image, tasks, progress=segment_progress, cancel=cancel)
+                return result, TaskEmbedding.ensemble(tasks), encoded
+            task = tasks[0] if strategy == "one-shot" else TaskEmbedding.ensemble(tasks)
+            return predictor.segment(image, task, segment_progress, cancel, allow_modality_mismatch), task, encoded
+
+        def finish(value: tuple[Volume, TaskEmbedding, dict[str, TaskEmbedding]]):
+            result, task, encoded = value
+            self._encoded.update(encoded)
+            node = self._write(result, target, output)
+            self.task, self._task_key = task, key
+            return node
+
+        return self._submit("Segmenting", work, finish)
+
+    # ------------------------------------------------------------------ tune and undo
+    def start_tune(self, target, output, steps: int = 30, allow_modality_mismatch: bool = False) -> Job:
+        """Tune the current task on `output` as corrected by the user (the truth), then segment `target`
+        again into `output`. Undo brings back the corrected segmentation and the untuned task."""
+        self._check_idle()
+        if self.task is None:
+            raise InputError("Segment first: Tune improves the task behind the last result, using your corrections of that result.")
+        if steps < 1:
+            raise InputError("the number of tuning steps must be at least 1.")
+        image = scene_bridge.volume_from_node(target, "target")
+        scene_bridge.check_segmentation(output, "output")
+        task = self.task
+        values = {_class_key(v, task.segments.get(v, {})): v for v in task.label_values}
+        corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(_class_key(0, s)), allow_empty=True)
+
+        def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume]:
+            predictor = self._predictor(progress)
+            tuned = predictor.tune(task, image, corrected, steps=steps, progress=_scaled(progress, 0.0, 0.8), cancel=cancel)
+            return tuned, predictor.segment(image, tuned, _scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch)
+
+        def finish(value: tuple[TaskEmbedding, Volume]):
+            tuned, result = value
+            node = self._write(result, target, output)
+            self.task = tuned
+            return node
+
+        return self._submit("Tuning", work, finish)
+
+    def undo(self):
+        """Restore the segmentation (and task) as they were before the last Segment or Tune into an existing node."""
+        self._check_idle()
+        if not self._undo:
+            raise InputError("Nothing to undo.")
+        state = self._undo.pop()
+        if state.node.GetScene() is None:
+            self._undo.clear()
+            raise InputError("The segmentation to restore was deleted; nothing was changed.")
+        scene_bridge.restore(state.node, state.content)
+        self.task, self._task_key = state.task, state.task_key
+        return state.node
+
+    # ------------------------------------------------------------------ task files
+    def save_task(self, path: str | Path) -> Path:
+        """Save the current task (tuned if it was) for other scans, this panel or `iris-segment --task`."""
+        if self.task is None:
+            raise InputError("There is no task to save yet: segment (and tune) first.")
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise InputError(f"cannot write {path}: the folder {path.parent} does not exist.")
+        self.task.save(path)
+        return path
+
+    @staticmethod
+    def load_task(path: str | Path) -> TaskEmbedding:
+        """A saved task, to list among the sources of `start_segment`."""
+        return TaskEmbedding.load(path)
+
+    # ------------------------------------------------------------------ export
+    def export_labelmap(self, output, target=None):
+        """A new label map volume of the output's segments on the target's grid (values 1..N in segment order)."""
+        self._check_exportable(output)
+        return scene_bridge.export_labelmap(output, target, f"{output.GetName()} labels")
+
+    def export_file(self, output, path: str | Path, target=None) -> list[Path]:
+        """Write the output as .seg.nrrd, or as NIfTI/NRRD with a .ctbl of names and colors; returns the files."""
+        self._check_exportable(output)
+        return scene_bridge.export_file(output, target, path)
+
+    # ------------------------------------------------------------------ helpers
+    def _predictor(self, progress: Progress) -> IrisPredictor:
+        """The model, loaded on first use (on the worker thread: it can take seconds)."""
+        if self.predictor is None:
+            progress(0.0, "loading the model")
+            weights, device = self._settings
+            self.predictor = IrisPredictor(load_model(weights, device))
+        return self.predictor
+
+    def _submit(self, title: str, work: Callable[[Progress, CancelRequested], object], finish: Callable[[object], object]) -> Job:
+        self._job = self.worker.submit(Job(title, _device_errors(work), finish))
+        return self._job
+
+    def _check_idle(self) -> None:
+        if self.busy:
+            raise InputError(f"{self._job.title} is still running: wait for it, or press Cancel.")
+
+    @staticmethod
+    def _check_output(output, references: list[Reference]) -> None:
+        if output is None:
+            return
+        scene_bridge.check_segmentation(output, "output")
+        if any(r.segmentation is not None and output.GetID() == r.segmentation.GetID() for r in references):
+            raise InputError(
+                f"the output {output.GetName()!r} is a reference segmentation: choose 'Create new segmentation' as the output; "
+                "IrisSegment never overwrites references."
+            )
+
+    @staticmethod
+    def _check_exportable(output) -> None:
+        scene_bridge.check_segmentation(output, "output")
+        if not scene_bridge.segment_ids(output):
+            raise InputError(f"{output.GetName()!r} has no segments to export.")
+
+    def _write(self, result: Volume, target, output):
+        """Write into a new node, or into `output` keeping its previous content for Undo; on failure
+        the scene is left as it was."""
+        if output is None:
+            node = scene_bridge.new_segmentation_node(f"{target.GetName()} IrisSegment")
+            try:
+                scene_bridge.write_segments(result, node, target)
+            except BaseException:
+                scene_bridge.remove_node(node)
+                raise
+            return node
+        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key)
+        try:
+            scene_bridge.write_segments(result, output, target)
+        except BaseException:
+            scene_bridge.restore(output, state.content)
+            raise
+        self._undo.append(state)
+        del self._undo[:-UNDO_DEPTH]
+        return output

@@ -1,0 +1,155 @@
+"""Encode once vs re-encode per target and class (the UniverSeg-style cost), and per-target latency/memory.
+
+Iris encodes a reference's classes once into task embeddings and reuses them for every target;
+a method that re-encodes the reference with every target and class pays n*m encoder passes.
+This script measures both on this machine for n targets x m classes at the working size, then the
+full predictor path (preprocessing, one decoder pass for all classes, mapping back) on a real
+128^3 CT, in a fresh process so its peak memory is its own.
+
+    python benchmarks/encode_once.py [--threads 2] [--weights FILE] [--output benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "HeadNeck_CT"
+
+
+def _model(weights: str | None):
+    from IrisSegmentLib.model.config import IrisConfig
+    from IrisSegmentLib.model.iris import IrisModel
+    from IrisSegmentLib.model.weights import default_weights_path, load_model
+
+    path = Path(weights) if weights else default_weights_path()
+    if path.is_file():
+        return load_model(path, "cpu"), str(path)
+    torch.manual_seed(0)
+    return IrisModel(IrisConfig()).eval(), "random weights (default config; cost does not depend on the values)"
+
+
+def compare_paths(model, size: int, targets: list[int], classes: list[int]) -> list[dict]:
+    """Seconds for n targets x m classes: encode once + n decoder passes, vs n*m (encode + decode)."""
+    rng = torch.Generator().manual_seed(0)
+    reference = torch.randn(1, 1, size, size, size, generator=rng)
+    images = [torch.randn(1, 1, size, size, size, generator=rng) for _ in range(max(targets))]
+    masks = torch.zeros(1, max(classes), size, size, size)
+    for k in range(max(classes)):  # one small cube per class
+        c = 8 + (k * 7) % (size - 24)
+        masks[0, k, c : c + 12, c : c + 12, c : c + 12] = 1
+    rows = []
+    with torch.no_grad():
+        model.segment(images[0], model.encode_task(reference, masks[:, :1]))  # warm-up
+        for m in classes:
+            for n in targets:
+                start = time.perf_counter()
+                tokens = model.encode_task(reference, masks[:, :m])
+                for target in images[:n]:
+                    model.segment(target, tokens)
+                once = time.perf_counter() - start
+                start = time.perf_counter()
+                for target in images[:n]:
+                    for k in range(m):
+                        model.segment(target, model.encode_task(reference, masks[:, k : k + 1]))
+                again = time.perf_counter() - start
+                rows.append({"targets": n, "classes": m, "encode_once_s": once, "reencode_s": again, "ratio": again / once})
+                print(f"  n={n:2d} m={m:2d}: encode once {once:7.2f} s, re-encode {again:8.2f} s, ratio {again / once:5.1f}x", flush=True)
+    return rows
+
+
+def latency_child(weights: str | None, threads: int) -> None:
+    """Runs in its own process: one real 128^3 target, all classes, through the full predictor."""
+    torch.set_num_threads(threads)
+    from IrisSegmentLib.inference.predictor import IrisPredictor
+    from IrisSegmentLib.io import read_image, read_label_map
+
+    reference_id, target_id = "openkbp_pt_100", "openkbp_pt_101"
+    ref_image = read_image(DATA / "imagesTr" / f"{reference_id}_0000.nii.gz")
+    ref_labels = read_label_map(DATA / "labelsTr" / f"{reference_id}.nii.gz")
+    target = read_image(DATA / "imagesTr" / f"{target_id}_0000.nii.gz")
+    predictor = IrisPredictor(_model(weights)[0])
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    task = predictor.encode_reference(ref_image, ref_labels)
+    encode = time.perf_counter() - start
+    predictor.segment(target, task)  # warm-up
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.segment(target, task)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "target_shape": list(target.shape), "classes": len(task.label_values), "encode_s": encode,
+        "segment_s_median": float(np.median(times)), "segment_s_all": times, "peak_rss_mb": peak, "rss_after_load_mb": baseline,
+    }))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m, color in zip(sorted({r["classes"] for r in rows}), ("tab:blue", "tab:orange", "tab:green")):
+        sub = [r for r in rows if r["classes"] == m]
+        n = [r["targets"] for r in sub]
+        ax.plot(n, [r["encode_once_s"] for r in sub], "o-", color=color, label=f"encode once, {m} classes")
+        ax.plot(n, [r["reencode_s"] for r in sub], "s--", color=color, label=f"re-encode per target and class, {m} classes")
+    ax.set_yscale("log")
+    ax.set_xlabel("targets")
+    ax.set_ylabel("seconds (log)")
+    ax.set_title("Task embeddings reused vs re-encoded (CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights")
+    parser.add_argument("--size", type=int, default=128, help="working size of the synthetic comparison")
+    parser.add_argument("--targets", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--classes", type=int, nargs="+", default=[1, 5, 15])
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--latency-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.latency_child:
+        latency_child(args.weights, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    model, source = _model(args.weights)
+    print(f"model: {source}; {args.threads} CPU threads; {args.size}^3")
+    rows = compare_paths(model, args.size, args.targets, args.classes)
+    latency = None
+    if DATA.is_dir():
+        cmd = [sys.executable, __file__, "--latency-child", "--threads", str(args.threads)] + (["--weights", args.weights] if args.weights else [])
+        latency = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    lines = ["| targets | classes | encode once (s) | re-encode (s) | ratio |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['targets']} | {r['classes']} | {r['encode_once_s']:.2f} | {r['reencode_s']:.2f} | {r['ratio']:.1f}x |" for r in rows]
+    if latency:
+        lines += ["", f"Real 128^3 CT target ({latency['classes']} classes), full predictor path, {args.threads} threads: "
+                  f"{latency['segment_s_median']:.2f} s per target (median of 3), reference encoded in {latency['encode_s']:.2f} s, "
+                  f"peak memory {latency['peak_rss_mb']:.0f} MB (process RSS; {latency['rss_after_load_mb']:.0f} MB after loading torch and the model)."]
+    table = "\n".join(lines)
+    print(table)
+    (args.output / "encode_once.md").write_text(f"Model: {source}\n\n{table}\n")
+    (args.output / "encode_once.json").write_text(json.dumps({"rows": rows, "latency": latency, "threads": args.threads, "model": source}, indent=1))
+    plot(rows, args.output / "encode_once.png")
+    print(f"saved {args.output / 'encode_once.png'}")
+
+
+if __name__ == "__main__":
+    main()
