@@ -129,6 +129,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"wrote {output}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.evaluate import run
+
+    run(args, _predictor(args))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -210,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prediction", required=True)
     score.add_argument("--truth", required=True)
     score.set_defaults(func=cmd_score)
+
+    evaluate = sub.add_parser("evaluate", help="model vs registration baseline on a labelled dataset, with a report")
+    evaluate.add_argument("--data", type=Path, required=True, help="dataset folder: dataset.json, imagesTr/, labelsTr/")
+    evaluate.add_argument("--output", type=Path, required=True, help="report folder")
+    evaluate.add_argument("--references", type=int, default=1, help="K reference cases (ensemble and retrieval use all K)")
+    evaluate.add_argument("--strategy", nargs="+", choices=("one-shot", "ensemble", "retrieval", "tune"), default=["one-shot"])
+    evaluate.add_argument("--baseline", choices=["registration", "none"], default="registration")
+    evaluate.add_argument("--cases", type=int, help="only the first N held-out cases")
+    evaluate.add_argument("--tune-steps", type=int, default=30)
+    evaluate.add_argument("--overlays", type=int, default=3, help="slice overlays for the first N cases")
+    model_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     train = sub.add_parser("train", help="episodic training (see python -m IrisSegmentLib.training --help)", add_help=False)
     train.set_defaults(func=None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, WeightsError
+from .segments import class_terminology
 from .model.serialization import load_tensors, save_tensors
 
 FORMAT = "iris-segment-task"
@@ -20,8 +21,9 @@ FORMAT_VERSION = "1"
 
 
 def class_key(value: int, segment: dict) -> str:
-    """How classes of different references are matched: terminology, else name, else label value."""
-    return segment.get("terminology") or (segment.get("name") or "").strip().lower() or f"label {value}"
+    """How classes of different references are matched: terminology (unless Slicer's generic
+    default), else name, else label value."""
+    return class_terminology(segment.get("terminology")) or (segment.get("name") or "").strip().lower() or f"label {value}"
 
 
 @dataclass
@@ -73,8 +75,12 @@ class TaskEmbedding:
         order: list[str] = []
         found: dict[str, list[tuple[TaskEmbedding, int]]] = {}
         for t in tasks:
+            seen: set[str] = set()
             for row, v in enumerate(t.label_values):
                 key = class_key(v, t.segments.get(v, {}))
+                if key in seen:  # two classes of one reference are never merged
+                    key = f"{key} (label {v})"
+                seen.add(key)
                 if key not in found:
                     order.append(key)
                     found[key] = []

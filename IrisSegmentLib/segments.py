@@ -11,6 +11,21 @@ import numpy as np
 
 from .errors import InputError
 
+# SNOMED CT code of "Tissue", the category and type 3D Slicer gives every new segment: a tag made of it
+# names no class, so it must not make different segments look like one class.
+GENERIC_TISSUE_CODE = "85756007"
+
+
+def class_terminology(tag: str | None) -> str:
+    """The terminology tag when it names a class, '' for none or Slicer's generic default."""
+    if not tag:
+        return ""
+    fields = tag.split("~")
+    type_fields = fields[1:3]
+    if len(type_fields) == 2 and all(f.split("^")[1:2] == [GENERIC_TISSUE_CODE] for f in type_fields):
+        return ""
+    return tag
+
 
 def present_labels(labels: np.ndarray) -> list[int]:
     """Sorted non-zero values of a non-negative integer label array."""

@@ -11,6 +11,7 @@ Use it from a test module with `from slicer_scene import mrml_scene  # noqa: F40
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
@@ -18,6 +19,18 @@ import pytest
 
 def _module(logic) -> types.SimpleNamespace:
     return types.SimpleNamespace(logic=lambda: logic)
+
+
+@contextmanager
+def _quiet(vtk) -> Iterator[None]:
+    """The app's share folder (color and terminology files) is not part of slicer-core: silence the
+    "file not found" errors while the logics attach to the scene and detach; other errors still show."""
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    try:
+        yield
+    finally:
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
 
 
 @pytest.fixture
@@ -37,17 +50,11 @@ def mrml_scene() -> Iterator[object]:
         "SubjectHierarchy": slicer.vtkSlicerSubjectHierarchyModuleLogic(),
         "Data": slicer.vtkSlicerDataModuleLogic(),
     }
-    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
-    # The app's share folder (color and terminology files) is not part of slicer-core: silence the
-    # "file not found" errors of this set-up only; later errors still show.
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
-    try:
+    with _quiet(vtk):
         for name, logic in logics.items():
             logic.SetMRMLApplicationLogic(application)
             logic.SetMRMLScene(scene)
             application.SetModuleLogic(name, logic)
-    finally:
-        vtk.vtkLogger.SetStderrVerbosity(verbosity)
     saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
     slicer.mrmlScene = scene
     slicer.modules = types.SimpleNamespace(
@@ -63,6 +70,7 @@ def mrml_scene() -> Iterator[object]:
     finally:
         for name, value in saved.items():
             setattr(slicer, name, value)
-        for logic in logics.values():
-            logic.SetMRMLScene(None)
-        scene.Clear(True)
+        with _quiet(vtk):
+            for logic in logics.values():
+                logic.SetMRMLScene(None)
+            scene.Clear(True)

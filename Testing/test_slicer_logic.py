@@ -7,8 +7,8 @@ result voxel for voxel. And every bad input the panel can receive: a clear messa
 
 The model is a small randomly initialised one (trained weights may not exist yet). Its random features
 cannot express the small organs at risk, so tuning is checked on "Body", the radiotherapy External
-contour, drawn with a threshold as users do in the Segment Editor; it is tuned for enough steps that
-Dice rose for every one of ten random initialisations tried.
+contour, drawn with a threshold as users do in the Segment Editor; 100 tuning steps raised its Dice by
+at least 0.19 for each of ten random initialisations tried (seeds 0-9), so the test asks for 0.1.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ MANDIBLE_TERMINOLOGY = (
     "~SCT^91609006^Mandible~^^~Anatomic codes - DICOM master list~^^~^^"
 )
 BODY_HU = -500  # the usual threshold for the External contour
-TUNE_STEPS = 300
+TUNE_STEPS = 100
 # (i, j, k) crops: different non-cubic grids for reference and target, so a transposed array or a lost
 # origin cannot pass unnoticed.
 REFERENCE_CROP = (slice(4, 124), slice(8, 120), slice(6, 128))
@@ -277,7 +277,7 @@ def test_correct_tune_resegment_improves_the_corrected_case_and_undo_restores(he
     assert any("tuning step" in message for _, message in updates)
     tuned = _masks(output, head_neck.target)
     before, after = dice(first["Body"], head_neck.target_body), dice(tuned["Body"], head_neck.target_body)
-    assert after > before + 0.05, f"Body Dice {before:.3f} -> {after:.3f} after tuning"
+    assert after > before + 0.1, f"Body Dice {before:.3f} -> {after:.3f} after tuning"
     assert logic.task is not untuned and not torch.equal(logic.task.tokens, untuned.tokens)
     _assert_same_state(reference_before, _reference_state(head_neck))
 
@@ -304,7 +304,7 @@ def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, log
     path = logic.save_task(tmp_path / "head-neck.safetensors")
 
     loaded = IrisSceneLogic.load_task(path)
-    assert torch.equal(loaded.tokens, logic.task.tokens) and loaded.segments == logic.task.segments
+    assert torch.equal(loaded.tokens, logic.task.tokens) and loaded.class_names == logic.task.class_names
     session = IrisSceneLogic(predictor=logic.predictor)  # a later session, same model, no reference
     try:
         again, _ = _run(session.start_segment(head_neck.target, [loaded]))
@@ -314,9 +314,26 @@ def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, log
         other_scan, _ = _run(session.start_segment(head_neck.reference, [loaded]))  # another scan
         assert _metadata(other_scan) == _metadata(output)
     finally:
-        session.worker.shutdown()
+        session.shutdown()
     with pytest.raises(InputError, match="no task"):
         IrisSceneLogic(predictor=logic.predictor).save_task(tmp_path / "none.safetensors")
+
+
+def test_task_file_from_the_command_line_pairs_with_references(head_neck, logic, tmp_path: Path) -> None:
+    """A task the CLI encoded from a Slicer .seg.nrrd carries Slicer's default "Tissue" terminology on
+    every segment that has no other; its classes must still pair, by name, with the panel's references."""
+    segmentation_file = logic.export_file(head_neck.reference_segmentation, tmp_path / "reference.seg.nrrd", head_neck.reference)[0]
+    labels = read_label_map(segmentation_file)
+    assert labels.segments[1]["terminology"] == scene_bridge.default_terminology()
+    task = logic.predictor.encode_reference(scene_bridge.volume_from_node(head_neck.reference, "reference"), labels)
+    task.save(tmp_path / "cli.safetensors")
+
+    loaded = IrisSceneLogic.load_task(tmp_path / "cli.safetensors")
+    reference = Reference(head_neck.reference, head_neck.reference_segmentation)
+    output, _ = _run(logic.start_segment(head_neck.target, [loaded, reference], strategy="ensemble"))
+    assert _metadata(output) == _metadata(head_neck.reference_segmentation)
+    _run(logic.start_tune(head_neck.target, output, steps=2))  # the output's segments map back to the task's classes
+    assert [name for name, *_ in _metadata(output)] == [head_neck.names[1], head_neck.names[7], "Body"]
 
 
 def test_exports_round_trip_voxel_for_voxel(head_neck, logic, tmp_path: Path) -> None:

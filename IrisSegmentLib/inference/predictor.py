@@ -6,6 +6,7 @@ decoder pass per window, for all classes at once.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
 
@@ -31,6 +32,15 @@ Cancel = Callable[[], bool] | None
 def _report(progress: Progress, fraction: float, message: str) -> None:
     if progress is not None:
         progress(fraction, message)
+
+
+@contextmanager
+def _device_memory():
+    """Out-of-memory on the GPU becomes an error that says what to do, for every entry point."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise DeviceError("the GPU ran out of memory: close other GPU programs, or choose the CPU.") from None
 
 
 def _check_cancel(cancel: Cancel) -> None:
@@ -79,7 +89,7 @@ class IrisPredictor:
         masks = self._class_masks(labels, values, grid, segments)
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
-        with torch.no_grad():
+        with torch.no_grad(), _device_memory():
             tokens = self.model.encode_task(pixels[None], masks[None])[0]
         self.references_encoded += 1
         _report(progress, 1.0, "reference encoded")
@@ -160,10 +170,8 @@ class IrisPredictor:
             for n, tile in enumerate(tiles):
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
-                try:
+                with _device_memory():
                     logits = self.model.segment(pixels[(slice(None), *tile)][None], tokens)[0]
-                except torch.OutOfMemoryError:
-                    raise DeviceError("the GPU ran out of memory: close other GPU programs or choose the CPU.") from None
                 self.decoder_passes += 1
                 weight = gaussian_weight(logits.shape[1:], self.device) if len(tiles) > 1 else torch.ones(logits.shape[1:], device=self.device)
                 total[(slice(None), *tile)] += torch.sigmoid(logits) * weight
@@ -215,7 +223,7 @@ class IrisPredictor:
         truth = resample(torch.from_numpy(corrected.array.astype(np.int32))[None].to(self.device), corrected.affine, grid, mode="nearest")[0].round()
         truth = torch.stack([(truth == v).float() for v in task.label_values])
         tiles = windows(grid.shape, self.config.working_size)
-        with torch.no_grad():
+        with torch.no_grad(), _device_memory():
             features = [self.model.encoder(pixels[(slice(None), *t)][None]) for t in tiles]
         tokens = task.tokens.to(self.device, torch.float32).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([tokens], lr=learning_rate)
@@ -224,36 +232,46 @@ class IrisPredictor:
             p.requires_grad_(False)
         self.tuning_losses: list[float] = []
         try:
-            for step in range(steps):
-                _check_cancel(cancel)
-                optimizer.zero_grad()
-                loss = sum(
-                    dice_bce_loss(self.model.decoder(f, tokens[None], tuple(truth[(slice(None), *t)].shape[1:])), truth[(slice(None), *t)][None])
-                    for f, t in zip(features, tiles)
-                ) / len(tiles)
-                loss.backward()
-                optimizer.step()
-                self.tuning_losses.append(float(loss.detach()))
-                _report(progress, (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
+            with _device_memory():
+                for step in range(steps):
+                    _check_cancel(cancel)
+                    optimizer.zero_grad()
+                    loss = sum(
+                        dice_bce_loss(self.model.decoder(f, tokens[None], tuple(truth[(slice(None), *t)].shape[1:])), truth[(slice(None), *t)][None])
+                        for f, t in zip(features, tiles)
+                    ) / len(tiles)
+                    loss.backward()
+                    optimizer.step()
+                    self.tuning_losses.append(float(loss.detach()))
+                    _report(progress, (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
         finally:
             for p, flag in zip(self.model.parameters(), frozen):
                 p.requires_grad_(flag)
         return replace(task, tokens=tokens.detach().cpu(), sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps)"])
 
     # ------------------------------------------------------------------ retrieval and memory bank
-    def segment_with_retrieval(
-        self, target: Volume, pool: ReferencePool | list[TaskEmbedding], top_k: int = 1, progress: Progress = None, cancel: Cancel = None
-    ) -> Volume:
+    def retrieve(
+        self, target: Volume, pool: ReferencePool | list[TaskEmbedding], top_k: int = 1, progress: Progress = None,
+        cancel: Cancel = None, allow_modality_mismatch: bool = False,
+    ) -> TaskEmbedding:
         """Object-level retrieval: segment with the pool's ensemble, encode the target's own classes
-        from that first result, pick per class the most similar references, segment again."""
+        from that first result, and return per class the most similar references' embeddings
+        (reusable like any task: tune it, save it)."""
         pool = pool if isinstance(pool, ReferencePool) else ReferencePool(pool)
-        initial = self.segment(target, pool.ensemble(), lambda f, m: _report(progress, 0.4 * f, m), cancel)
+        initial = self.segment(target, pool.ensemble(), lambda f, m: _report(progress, 0.8 * f, m), cancel, allow_modality_mismatch)
         found = present_labels(initial.array)
         if not found:
-            return initial
-        own = self.encode_reference(target, initial, classes=found, modality=pool.modality)
-        chosen = pool.closest(own, top_k)
-        return self.segment(target, chosen, lambda f, m: _report(progress, 0.5 + 0.5 * f, m), cancel)
+            return pool.ensemble()
+        own = self.encode_reference(target, initial, classes=found, modality=pool.modality or None, cancel=cancel)
+        return pool.closest(own, top_k)
+
+    def segment_with_retrieval(
+        self, target: Volume, pool: ReferencePool | list[TaskEmbedding], top_k: int = 1, progress: Progress = None,
+        cancel: Cancel = None, allow_modality_mismatch: bool = False,
+    ) -> Volume:
+        """Retrieve the best references per class for this target, then segment with them."""
+        task = self.retrieve(target, pool, top_k, lambda f, m: _report(progress, 0.5 * f, m), cancel, allow_modality_mismatch)
+        return self.segment(target, task, lambda f, m: _report(progress, 0.5 + 0.5 * f, m), cancel, allow_modality_mismatch)
 
     @staticmethod
     def _memory_modality(key: str) -> str:

@@ -29,7 +29,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]
     header: dict[str, object] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0
     for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
+        arr = np.asarray(arrays[name], order="C")  # not ascontiguousarray: it turns 0-d arrays into shape (1,)
         if arr.dtype not in _NAMES:
             raise TypeError(f"cannot store dtype {arr.dtype} for {name}")
         header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}

@@ -45,14 +45,6 @@ class _UndoState:
     task_key: tuple | None
 
 
-def _class_key(value: int, segment: dict) -> str:
-    """The engine's class identity, ignoring Slicer's default terminology: every new segment carries
-    that "Tissue" tag, so it would make all classes of a Slicer-made file one class."""
-    if segment.get("terminology") == scene_bridge.default_terminology():
-        segment = {k: v for k, v in segment.items() if k != "terminology"}
-    return class_key(value, segment)
-
-
 class _ClassValues:
     """One label value per class across all sources of a run (the engine refuses a value naming two classes).
 
@@ -63,10 +55,10 @@ class _ClassValues:
         self._values: dict[str, int] = {}
         for task in tasks:
             for value in task.label_values:
-                self._values.setdefault(_class_key(value, task.segments.get(value, {})), value)
+                self._values.setdefault(class_key(value, task.segments.get(value, {})), value)
 
     def __call__(self, segment: dict) -> int:
-        key = _class_key(0, segment)
+        key = class_key(0, segment)
         if key not in self._values:
             self._values[key] = max(self._values.values(), default=0) + 1
         return self._values[key]
@@ -220,10 +212,10 @@ class IrisSceneLogic:
                 tasks.append(cached.get(digest) or encoded[digest])
             tasks += files
             if strategy == "retrieval":
-                # Tune and Save task then use the pool's ensemble: the engine does not return the retrieved task.
-                result = predictor.segment_with_retrieval(image, tasks, progress=segment_progress, cancel=cancel)
-                return result, TaskEmbedding.ensemble(tasks), encoded
-            task = tasks[0] if strategy == "one-shot" else TaskEmbedding.ensemble(tasks)
+                task = predictor.retrieve(image, tasks, progress=_scaled(progress, 0.3, 0.65), cancel=cancel, allow_modality_mismatch=allow_modality_mismatch)
+                segment_progress = _scaled(progress, 0.65, 1.0)
+            else:
+                task = tasks[0] if strategy == "one-shot" else TaskEmbedding.ensemble(tasks)
             return predictor.segment(image, task, segment_progress, cancel, allow_modality_mismatch), task, encoded
 
         def finish(value: tuple[Volume, TaskEmbedding, dict[str, TaskEmbedding]]):
@@ -247,8 +239,8 @@ class IrisSceneLogic:
         image = scene_bridge.volume_from_node(target, "target")
         scene_bridge.check_segmentation(output, "output")
         task = self.task
-        values = {_class_key(v, task.segments.get(v, {})): v for v in task.label_values}
-        corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(_class_key(0, s)), allow_empty=True)
+        values = {class_key(v, task.segments.get(v, {})): v for v in task.label_values}
+        corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(class_key(0, s)), allow_empty=True)
 
         def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume]:
             predictor = self._predictor(progress)
@@ -289,7 +281,7 @@ class IrisSceneLogic:
 
     @staticmethod
     def load_task(path: str | Path) -> TaskEmbedding:
-        """A saved task, to list among the sources of `start_segment`."""
+        """A saved task (from this panel or the command line), to list among the sources of `start_segment`."""
         return TaskEmbedding.load(path)
 
     # ------------------------------------------------------------------ export

@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from ..errors import InputError
-from ..segments import label_dtype
+from ..segments import class_terminology, label_dtype
 from ..volume import Volume
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
@@ -101,7 +101,7 @@ def segment_metadata(segment) -> dict:
     """The engine's metadata of a segment; Slicer's default terminology is left out (it names no class)."""
     metadata = {"name": segment.GetName(), "color": tuple(float(c) for c in segment.GetColor())}
     tag = vtk.reference("")
-    if segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and str(tag) and str(tag) != default_terminology():
+    if segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and class_terminology(str(tag)):
         metadata["terminology"] = str(tag)
     return metadata
 
@@ -117,6 +117,8 @@ def labels_from_segmentation(
     """
     name = node.GetName()
     ids = segment_ids(node) if chosen is None else list(chosen)
+    if not ids and chosen is not None:
+        raise InputError(f"no segment of {name!r} is chosen: tick at least one in its list of segments.")
     if not ids:
         raise InputError(f"segmentation {name!r} has no segments: segment at least one structure in it (Segment Editor), or choose another segmentation.")
     segmentation = node.GetSegmentation()

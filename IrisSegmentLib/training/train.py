@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
     class_index = {k: i for i, k in enumerate(class_keys)}
     began = time.time()
-    window: list[float] = []
+    window: deque[float] = deque(maxlen=20)
+    losses: deque[float] = deque(maxlen=20)
     step = start
     stream = EpisodeStream(sampler, args.seed, rank, start, args.steps, args.episodes_per_step)
     episodes = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False))
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         step += 1
         window.append(time.time() - t0)
+        losses.append(total)
         if rank == 0 and step % 20 == 0:
-            log.info("step %d loss %.4f lr %.2e %.2f s/step", step, total, optimizer.param_groups[0]["lr"], float(np.mean(window[-20:])))
+            log.info("step %d loss %.4f (mean of 20) lr %.2e %.2f s/step", step, float(np.mean(losses)), optimizer.param_groups[0]["lr"], float(np.mean(window)))
         stop = args.stop_after and (time.time() - began) / 3600 >= args.stop_after
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.steps or stop):
             checkpoint(model, optimizer, step, config, args, hours_before + (time.time() - began) / 3600)

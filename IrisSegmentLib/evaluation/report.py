@@ -1,0 +1,244 @@
+"""Benchmark report: per-case CSV, markdown summary, Dice bar plot and slice overlays.
+
+Figures use matplotlib's object API with the Agg canvas, never pyplot, so writing a report
+neither needs a display nor changes the backend of a host application.
+"""
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..errors import InputError
+from ..volume import Volume
+from .metrics import ClassScore, dice
+
+CSV_COLUMNS = ("dataset", "case", "method", "class", "dice", "hd95_mm", "seconds")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One class of one case segmented by one method; ``seconds`` is the whole case's time."""
+
+    dataset: str
+    case: str
+    method: str
+    class_name: str
+    dice: float
+    hd95_mm: float
+    seconds: float
+
+
+def result_rows(
+    dataset: str, case: str, method: str, scores: Mapping[int, ClassScore], label_names: Mapping[int, str], seconds: float
+) -> list[ResultRow]:
+    """Rows for one case and method, classes named from the dataset (``label_<value>`` if unnamed)."""
+    return [
+        ResultRow(dataset, case, method, label_names.get(value, f"label_{value}"), score.dice, score.hd95_mm, seconds)
+        for value, score in sorted(scores.items())
+    ]
+
+
+def write_csv(rows: Iterable[ResultRow], path: str | Path) -> None:
+    """CSV with CSV_COLUMNS; undefined HD95 is written as ``nan``."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(astuple(row) for row in rows)
+
+
+def _mean_seconds(rows: Sequence[ResultRow]) -> dict[tuple[str, str], tuple[float, int]]:
+    """(dataset, method) -> (mean seconds per case, number of cases); each case counted once."""
+    per_case = {(r.dataset, r.method, r.case): r.seconds for r in rows}
+    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (dataset, method, _), seconds in per_case.items():
+        grouped[dataset, method].append(seconds)
+    return {key: (float(np.mean(values)), len(values)) for key, values in grouped.items()}
+
+
+def _ordered(values: Iterable[str]) -> list[str]:
+    """Unique values in first-seen order, so tables follow the dataset's label order."""
+    return list(dict.fromkeys(values))
+
+
+def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None) -> str:
+    """Per dataset: mean Dice and HD95 per class and method, then mean seconds per case and speed-up.
+
+    The speed-up of a method is the baseline's mean seconds over its own; the baseline defaults
+    to the slowest method of the dataset. HD95 means skip cases where it is undefined (an empty
+    prediction or truth) and say how many were skipped.
+    """
+    if not rows:
+        raise InputError("no results to summarise: the evaluation produced no rows.")
+    timing = _mean_seconds(rows)
+    lines = ["# Evaluation summary", ""]
+    for dataset in _ordered(r.dataset for r in rows):
+        subset = [r for r in rows if r.dataset == dataset]
+        methods = _ordered(r.method for r in subset)
+        classes = _ordered(r.class_name for r in subset)
+        lines += [f"## {dataset}", "", "Mean Dice (cases scored):", ""]
+        lines += _class_table(subset, methods, classes, "dice")
+        lines += ["", "Mean HD95 in mm:", ""]
+        lines += _class_table(subset, methods, classes, "hd95_mm")
+        reference = baseline if baseline is not None else max(methods, key=lambda m: timing[dataset, m][0])
+        if (dataset, reference) not in timing:
+            raise InputError(f"baseline method {reference!r} has no results for {dataset}; methods: {methods}.")
+        base_seconds = timing[dataset, reference][0]
+        lines += ["", f"| method | cases | mean seconds / case | speed-up vs {reference} |", "|---|---|---|---|"]
+        for method in methods:
+            seconds, cases = timing[dataset, method]
+            ratio = f"{base_seconds / seconds:.1f}x" if seconds > 0 else "n/a"
+            lines.append(f"| {method} | {cases} | {seconds:.2f} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _class_table(rows: Sequence[ResultRow], methods: list[str], classes: list[str], field: str) -> list[str]:
+    """Markdown table of mean ``field`` per class (rows) and method (columns).
+
+    The closing "mean over classes" row uses only the classes every method has a value for, so a
+    method whose HD95 is undefined on a hard class (empty prediction) does not look better for it.
+    """
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        values[r.class_name, r.method].append(getattr(r, field))
+    lines = ["| class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    means: dict[str, dict[str, float]] = {}
+    for name in classes:
+        cells = []
+        for method in methods:
+            scores = np.asarray(values.get((name, method), []), dtype=np.float64)
+            defined = scores[np.isfinite(scores)]
+            if not defined.size:
+                cells.append("n/a")
+                continue
+            means.setdefault(name, {})[method] = float(defined.mean())
+            skipped = scores.size - defined.size
+            cells.append(f"{defined.mean():.3f} ({defined.size})" + (f", {skipped} undefined" if skipped else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    common = [per_method for per_method in means.values() if len(per_method) == len(methods)]
+    overall = [f"{np.mean([c[m] for c in common]):.3f}" if common else "n/a" for m in methods]
+    lines.append("| **mean over classes** | " + " | ".join(overall) + " |")
+    return lines
+
+
+def write_summary(rows: Sequence[ResultRow], path: str | Path, baseline: str | None = None) -> None:
+    Path(path).write_text(summary_markdown(rows, baseline), encoding="utf-8")
+
+
+def _save(figure: Figure, path: str | Path) -> None:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_dice_bars(rows: Sequence[ResultRow], path: str | Path) -> None:
+    """Mean Dice per class (with standard deviation), methods side by side; one panel per dataset."""
+    if not rows:
+        raise InputError("no results to plot: the evaluation produced no rows.")
+    datasets = _ordered(r.dataset for r in rows)
+    figure = Figure(figsize=(max(6.0, 1.2 * max(len({r.class_name for r in rows if r.dataset == d}) for d in datasets)), 3.6 * len(datasets)))
+    for index, dataset in enumerate(datasets, start=1):
+        subset = [r for r in rows if r.dataset == dataset]
+        methods, classes = _ordered(r.method for r in subset), _ordered(r.class_name for r in subset)
+        axes = figure.add_subplot(len(datasets), 1, index)
+        width = 0.8 / len(methods)
+        for m, method in enumerate(methods):
+            per_class = [[r.dice for r in subset if r.method == method and r.class_name == c] for c in classes]
+            means = [np.mean(v) if v else np.nan for v in per_class]
+            spread = [np.std(v) if v else 0.0 for v in per_class]
+            x = np.arange(len(classes)) + (m - (len(methods) - 1) / 2) * width
+            axes.bar(x, means, width, yerr=spread, capsize=2, label=method)
+        axes.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right")
+        axes.set_ylim(0, 1)
+        axes.set_ylabel("Dice")
+        axes.set_title(dataset)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _axial_axis(affine: np.ndarray) -> int:
+    """Array axis closest to superior-inferior, so overlays show axial slices whatever the storage order."""
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return int(np.argmax(np.abs(directions[2])))
+
+
+def plot_overlay(
+    image: Volume,
+    truth: Volume,
+    predictions: Mapping[str, Volume],
+    path: str | Path,
+    label_names: Mapping[int, str] | None = None,
+    title: str = "",
+) -> None:
+    """Image with truth (green) and prediction (red) contours: one row per class, one column per method.
+
+    Each row shows the axial slice through the centroid of the class in the truth (in the
+    predictions if the truth lacks it), cropped around the class; classes absent everywhere are
+    left out.
+    """
+    for method, prediction in predictions.items():
+        if not prediction.same_grid(truth, tolerance_mm=1e-2) or not image.same_grid(truth, tolerance_mm=1e-2):
+            raise InputError(f"overlay of {method!r}: image, truth and prediction must share one voxel grid.")
+    label_names = label_names or {}
+    truth_labels = np.asarray(truth.array)
+    masks = {method: np.asarray(p.array) for method, p in predictions.items()}
+    values = sorted(set(np.unique(truth_labels).tolist()).union(*(np.unique(m).tolist() for m in masks.values())) - {0})
+    if not values or not predictions:
+        raise InputError("nothing to overlay: no predictions or no labelled voxels in the truth and predictions.")
+    axis = _axial_axis(truth.affine)
+    in_plane = [a for a in range(3) if a != axis]
+    spacing = truth.spacing
+    pixels = np.asarray(image.array, dtype=np.float32)
+    # Window on the voxels above the minimum: a CT that is mostly air would otherwise show tissue as white.
+    foreground = pixels[pixels > pixels.min()]
+    low, high = np.percentile(foreground if foreground.size else pixels, [0.5, 99.5])
+    methods = list(predictions)
+    figure = Figure(figsize=(3.2 * len(methods), 3.2 * len(values)))
+    for row, value in enumerate(values):
+        truth_mask = truth_labels == value
+        union = np.logical_or.reduce([truth_mask] + [m == value for m in masks.values()])
+        source = truth_mask if truth_mask.any() else union
+        index = int(round(np.argwhere(source)[:, axis].mean()))
+        # The panel shows the class's in-plane bounding box (truth and predictions) with as much context again.
+        corners = np.argwhere(union)[:, in_plane]
+        start, stop = corners.min(0), corners.max(0) + 1
+        margin = np.maximum(8, (stop - start) // 2)
+        view = [slice(None)] * 3
+        view[axis] = index
+        for a, first, last, pad in zip(in_plane, start, stop, margin):
+            view[a] = slice(max(0, first - pad), min(truth.shape[a], last + pad))
+        view = tuple(view)
+        for column, method in enumerate(methods):
+            predicted = masks[method] == value
+            axes = figure.add_subplot(len(values), len(methods), row * len(methods) + column + 1)
+            # Transposed so the first in-plane axis runs left to right; aspect from the voxel size.
+            axes.imshow(pixels[view].T, cmap="gray", vmin=low, vmax=high, origin="lower",
+                        aspect=spacing[in_plane[1]] / spacing[in_plane[0]], interpolation="nearest")
+            for mask, color in ((truth_mask, "lime"), (predicted, "red")):
+                if mask[view].any():
+                    axes.contour(mask[view].T.astype(np.uint8), levels=[0.5], colors=color, linewidths=1.0)
+            score = dice(predicted, truth_mask)
+            axes.set_title(f"{label_names.get(value, f'label {value}')} | {method} | Dice {score:.2f}", fontsize=8)
+            axes.set_axis_off()
+    if title:
+        figure.suptitle(f"{title} (green: truth, red: prediction)", fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def write_report(rows: Sequence[ResultRow], folder: str | Path, baseline: str | None = None) -> dict[str, Path]:
+    """CSV, markdown summary and Dice bar plot into ``folder``; returns their paths by kind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": folder / "results.csv", "summary": folder / "summary.md", "dice_plot": folder / "dice_per_class.png"}
+    write_csv(rows, paths["csv"])
+    write_summary(rows, paths["summary"], baseline)
+    plot_dice_bars(rows, paths["dice_plot"])
+    return paths

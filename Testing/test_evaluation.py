@@ -1,0 +1,295 @@
+"""Evaluation building blocks: metrics with known answers, the registration baseline on a real scan
+moved by a known rigid motion, the nnU-Net dataset reader and held-out split, and the report files."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from IrisSegmentLib.errors import InputError
+from IrisSegmentLib.evaluation.dataset import load_dataset, read_case, split_cases
+from IrisSegmentLib.evaluation.metrics import ClassScore, dice, hd95, score_labels
+from IrisSegmentLib.evaluation.registration import RegistrationSettings, register_and_warp, sitk_to_volume, volume_to_sitk
+from IrisSegmentLib.evaluation.report import CSV_COLUMNS, ResultRow, plot_overlay, result_rows, summary_markdown, write_report
+from IrisSegmentLib.volume import Volume
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPLITS = Path(__file__).resolve().parents[1] / "Resources" / "splits.json"
+needs_data = pytest.mark.skipif(not (DATA / "Hippocampus_MRI").is_dir(), reason=f"real data not found at {DATA} (../shared/data)")
+
+
+def _cube(shape: tuple[int, int, int], start: tuple[int, int, int], size: int = 10) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(s, s + size) for s in start)] = True
+    return mask
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    rotation = np.eye(3)
+    rotation[i, i] = rotation[j, j] = c
+    rotation[i, j], rotation[j, i] = -s, s
+    return rotation
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_offset_cubes_have_known_dice_and_hd95() -> None:
+    # 10-voxel cubes offset by 2 voxels at 2 mm: overlap 8/10, the far faces are 2 voxels = 4 mm apart.
+    shape = (32, 32, 32)
+    truth = _cube(shape, (10, 10, 10)).astype(np.uint8)
+    prediction = _cube(shape, (12, 10, 10)).astype(np.uint8)
+    scores = score_labels(Volume(prediction, np.diag([2.0, 2.0, 2.0, 1.0])), Volume(truth, np.diag([2.0, 2.0, 2.0, 1.0])))
+    assert list(scores) == [1]
+    assert scores[1].dice == pytest.approx(0.8)
+    assert scores[1].hd95_mm == pytest.approx(4.0)
+
+
+def test_hd95_uses_the_spacing_of_the_offset_axis() -> None:
+    # Same 2-voxel offset, along k only: 3 mm slices make it 6 mm, 1 mm pixels would make it 2.
+    shape = (32, 32, 32)
+    truth, prediction = _cube(shape, (10, 10, 10)), _cube(shape, (10, 10, 12))
+    assert hd95(prediction, truth, (1.0, 1.0, 3.0)) == pytest.approx(6.0)
+    assert hd95(prediction, truth, (3.0, 3.0, 1.0)) == pytest.approx(2.0)
+
+
+def test_classes_are_scored_separately_and_empty_cases_follow_the_convention() -> None:
+    shape = (24, 24, 24)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[_cube(shape, (2, 2, 2), 8)] = 1
+    truth[_cube(shape, (12, 12, 12), 6)] = 3  # class 3 is missed by the prediction
+    prediction = np.zeros(shape, dtype=np.uint8)
+    prediction[_cube(shape, (2, 2, 2), 8)] = 1  # perfect
+    prediction[_cube(shape, (12, 2, 2), 4)] = 5  # class 5 is invented
+    scores = score_labels(Volume(prediction, affine), Volume(truth, affine))
+    assert set(scores) == {1, 3, 5}  # absent-from-both class 2 is not scored by default
+    assert scores[1] == ClassScore(1.0, 0.0)
+    assert scores[3].dice == 0.0 and math.isnan(scores[3].hd95_mm)
+    assert scores[5].dice == 0.0 and math.isnan(scores[5].hd95_mm)
+    both_empty = score_labels(Volume(prediction, affine), Volume(truth, affine), classes=[2])[2]
+    assert both_empty.dice == 1.0 and math.isnan(both_empty.hd95_mm)
+    assert dice(np.zeros(shape), np.zeros(shape)) == 1.0
+
+
+def test_scoring_refuses_label_maps_on_different_grids() -> None:
+    labels = np.zeros((8, 8, 8), dtype=np.uint8)
+    with pytest.raises(InputError, match="same voxel grid"):
+        score_labels(Volume(labels, np.eye(4)), Volume(labels, np.diag([2.0, 1.0, 1.0, 1.0])))
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_sitk_conversion_keeps_voxels_and_world_positions() -> None:
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(2, 30) @ _rotation(0, -20) @ np.diag([0.7, 1.3, 2.5])
+    affine[:3, 3] = (12.3, -45.6, 78.9)
+    array = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # all axes differ: a transpose cannot pass
+    image = volume_to_sitk(Volume(array, affine))
+    assert image.GetSize() == (5, 6, 7)
+    for ijk in [(0, 0, 0), (4, 1, 6), (2, 5, 3)]:
+        ras = affine[:3, :3] @ ijk + affine[:3, 3]
+        lps = image.TransformIndexToPhysicalPoint(ijk)
+        assert np.allclose(lps, (-ras[0], -ras[1], ras[2]))
+        assert image[ijk] == array[ijk]
+    back = sitk_to_volume(image)
+    assert np.array_equal(back.array, array) and np.allclose(back.affine, affine)
+
+
+def _hippocampus() -> tuple[Volume, Volume]:
+    dataset = load_dataset(DATA / "Hippocampus_MRI")
+    image, labels = read_case(dataset.case("hippocampus_001"))
+    return Volume(image.array.astype(np.float32), image.affine, "hippocampus_001"), labels
+
+
+@needs_data
+def test_registration_recovers_a_known_rigid_motion() -> None:
+    image, labels = _hippocampus()
+    # Target: the same scan turned 15 degrees about k around its centre and shifted by (4, -3, 2) mm (1 mm voxels).
+    rotation = _rotation(2, 15)
+    centre = (np.asarray(image.shape) - 1) / 2
+    offset = centre - rotation @ centre + np.array([4.0, -3.0, 2.0])
+    target_array = ndimage.affine_transform(image.array, rotation, offset, order=1, mode="nearest")
+    truth = ndimage.affine_transform(labels.array, rotation, offset, order=0, mode="constant")
+    target = Volume(target_array, image.affine, "moved")
+
+    before = np.mean([dice(labels.array == c, truth == c) for c in (1, 2)])
+    warped, seconds = register_and_warp(image, labels, target)
+    after = np.mean([dice(warped.array == c, truth == c) for c in (1, 2)])
+
+    assert warped.same_grid(target) and warped.array.dtype == labels.array.dtype
+    assert warped.segments == labels.segments
+    assert before < 0.6, before  # the motion really moves the hippocampus
+    assert after > 0.8 and after > before + 0.25, (before, after)
+    assert 0 < seconds < 60
+
+
+def test_registration_is_deterministic() -> None:
+    # A blob in a small volume; the target has it 3 voxels (6 mm) further along i.
+    grid = np.stack(np.meshgrid(*[np.arange(20.0)] * 3, indexing="ij"))
+    array = np.exp(-(((grid - np.array([8.0, 10.0, 9.0])[:, None, None, None]) / 4.0) ** 2).sum(0)).astype(np.float32) * 100
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    labels = Volume((array > 40).astype(np.uint8), affine, segments={1: {"name": "blob"}})
+    target = Volume(np.roll(array, 3, axis=0), affine)
+    settings = RegistrationSettings(search_steps=2, affine_iterations=30, deformable_iterations=5)
+
+    first, _ = register_and_warp(Volume(array, affine), labels, target, settings)
+    second, _ = register_and_warp(Volume(array, affine), labels, target, settings)
+    assert np.array_equal(first.array, second.array)
+    assert dice(first.array == 1, np.roll(labels.array, 3, axis=0) == 1) > 0.9
+    assert dice(labels.array == 1, np.roll(labels.array, 3, axis=0) == 1) < 0.7
+
+
+def test_registration_failures_are_input_errors() -> None:
+    with pytest.raises(InputError, match="seed"):
+        RegistrationSettings(seed=0)
+    affine = np.eye(4)
+    labels = Volume(np.pad(np.ones((4, 4, 4), dtype=np.uint8), 6), affine)
+    blank = Volume(np.zeros(labels.shape, dtype=np.float32), affine, "blank")
+    with pytest.raises(InputError, match="blank"):
+        register_and_warp(Volume(labels.array.astype(np.float32), affine), labels, blank, RegistrationSettings(search_steps=1))
+
+
+# ---------------------------------------------------------------- dataset and split
+
+
+def _write_dataset(root: Path, cases: list[str], labels: dict | None = None) -> Path:
+    root.mkdir()
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    meta = {"name": "Toy", "channel_names": {"0": "CT"}, "labels": labels or {"background": 0, "liver": 1, "spleen": 4}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    for number, case in enumerate(cases):
+        label = np.zeros((6, 7, 8), dtype=np.uint8)
+        label[1:3, 2:4, 3:5] = 1
+        label[4, 5, 6] = 4
+        nib.save(nib.Nifti1Image(np.full((6, 7, 8), number + 1, dtype=np.int16), affine), root / "imagesTr" / f"{case}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"{case}.nii.gz")
+    return root
+
+
+def test_dataset_reads_cases_paths_and_label_names(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "Toy", ["case_b", "case_a", "case_c"])
+    dataset = load_dataset(root)
+    assert dataset.name == "Toy" and dataset.modality == "CT"
+    assert dataset.case_ids == ["case_a", "case_b", "case_c"]
+    assert dataset.label_names == {1: "liver", 4: "spleen"}
+    assert dataset.case("case_b").image_path == root / "imagesTr" / "case_b_0000.nii.gz"
+    assert dataset.case("case_b").labels_path == root / "labelsTr" / "case_b.nii.gz"
+    image, labels = read_case(dataset.case("case_b"))
+    assert image.shape == labels.shape == (6, 7, 8)
+    assert np.all(image.array == 1) and set(np.unique(labels.array)) == {0, 1, 4}
+    with pytest.raises(InputError, match="no case"):
+        dataset.case("case_z")
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: (root / "dataset.json").unlink(), "no dataset.json"),
+        (lambda root: shutil.rmtree(root / "labelsTr"), "no labelsTr"),
+        (lambda root: (root / "labelsTr" / "case_a.nii.gz").unlink(), "image without a label map"),
+        (lambda root: (root / "dataset.json").write_text('{"labels": {"tumor": [1, 2]}}'), "region-based"),
+        (lambda root: (root / "dataset.json").write_text("{not json"), "JSON"),
+    ],
+)
+def test_dataset_not_in_nnunet_layout_is_an_input_error(tmp_path: Path, breakage, message: str) -> None:
+    root = _write_dataset(tmp_path / "Toy", ["case_a", "case_b"])
+    breakage(root)
+    with pytest.raises(InputError, match=message):
+        load_dataset(root)
+
+
+def test_missing_folder_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    ids = [f"case_{n:03d}" for n in range(37)]
+    train, heldout = split_cases(ids, 0.2, seed=0)
+    assert (train, heldout) == split_cases(list(reversed(ids)), 0.2, seed=0)  # input order does not matter
+    assert not set(train) & set(heldout) and sorted(train + heldout) == ids
+    assert len(heldout) == math.ceil(0.2 * 37) and train == sorted(train) and heldout == sorted(heldout)
+    assert split_cases(ids, 0.2, seed=1)[1] != heldout
+    assert split_cases(ids, 0.0)[1] == []
+    assert split_cases(["only"], 0.5) == (["only"], [])  # one case stays a reference
+    with pytest.raises(InputError, match="unique"):
+        split_cases(["a", "b", "a"])
+    with pytest.raises(InputError, match="fraction"):
+        split_cases(ids, 1.0)
+
+
+@pytest.mark.skipif(not SPLITS.is_file() or not DATA.is_dir(), reason="needs Resources/splits.json and ../shared/data")
+def test_split_reproduces_the_committed_held_out_cases() -> None:
+    committed = json.loads(SPLITS.read_text())["heldout"]
+    for name, heldout in committed.items():
+        dataset = load_dataset(DATA / name)
+        assert split_cases(dataset.case_ids, 0.25, seed=0)[1] == sorted(heldout), name
+
+
+# ---------------------------------------------------------------- report
+
+
+def _rows() -> list[ResultRow]:
+    names = {1: "liver", 2: "spleen"}
+    rows = []
+    for case, iris, registration in [("c1", (0.9, 0.7), (0.6, 0.5)), ("c2", (0.8, 0.5), (0.4, 0.0))]:
+        rows += result_rows("Toy", case, "iris", {1: ClassScore(iris[0], 3.0), 2: ClassScore(iris[1], 5.0)}, names, 2.0)
+        rows += result_rows(
+            "Toy", case, "registration", {1: ClassScore(registration[0], 9.0), 2: ClassScore(registration[1], float("nan"))}, names, 30.0
+        )
+    return rows
+
+
+def test_report_writes_csv_summary_and_plot(tmp_path: Path) -> None:
+    rows = _rows()
+    paths = write_report(rows, tmp_path / "report")
+
+    with open(paths["csv"], newline="") as handle:
+        table = list(csv.reader(handle))
+    assert tuple(table[0]) == CSV_COLUMNS == ("dataset", "case", "method", "class", "dice", "hd95_mm", "seconds")
+    assert len(table) == 1 + len(rows)
+    assert table[1] == ["Toy", "c1", "iris", "liver", "0.9", "3.0", "2.0"]
+    assert math.isnan(float(table[-1][5]))
+
+    summary = paths["summary"].read_text()
+    assert "| liver | 0.850 (2) | 0.500 (2) |" in summary  # mean Dice per class and method
+    assert "| spleen | 0.600 (2) | 0.250 (2) |" in summary
+    assert "| **mean over classes** | 0.725 | 0.375 |" in summary
+    assert "| spleen | 5.000 (2) | n/a |" in summary  # HD95 undefined in every registration case
+    assert "| **mean over classes** | 3.000 | 9.000 |" in summary  # only classes every method has an HD95 for
+    assert "speed-up vs registration" in summary  # the slowest method is the default baseline
+    assert "| iris | 2 | 2.00 | 15.0x |" in summary and "| registration | 2 | 30.00 | 1.0x |" in summary
+
+    assert paths["dice_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["dice_plot"].stat().st_size > 5000
+    with pytest.raises(InputError, match="baseline"):
+        summary_markdown(rows, baseline="atlas")
+
+
+def test_overlay_writes_a_png_per_case(tmp_path: Path) -> None:
+    shape = (20, 22, 18)
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    image = Volume(np.random.default_rng(0).normal(size=shape).astype(np.float32), affine)
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[_cube(shape, (4, 4, 4), 6)] = 1
+    truth[_cube(shape, (12, 12, 10), 5)] = 2
+    prediction = np.roll(truth, 2, axis=0)
+    path = tmp_path / "c1.png"
+    plot_overlay(image, Volume(truth, affine), {"iris": Volume(prediction, affine), "registration": Volume(truth, affine)}, path, {1: "a", 2: "b"}, "c1")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(InputError, match="voxel grid"):
+        plot_overlay(image, Volume(truth, affine), {"iris": Volume(prediction, np.eye(4))}, tmp_path / "bad.png")
+
