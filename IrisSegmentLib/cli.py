@@ -40,7 +40,13 @@ def _predictor(args: argparse.Namespace):
     return predictor
 
 
-def _check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
+def _check_output(path: Path, inputs: list[Path], overwrite: bool, label_map: bool = False) -> None:
+    """Refuse, before any work, an output that would overwrite an input or a file, or that cannot be written."""
+    if label_map:
+        from .io._files import file_format
+        from .io.segmentations import WRITE_SUFFIXES
+
+        file_format(path, WRITE_SUFFIXES, "write")
     resolved = path.resolve()
     if any(resolved == p.resolve() for p in inputs):
         raise InputError(f"output {path} is one of the inputs: choose another output file, inputs are never overwritten.")
@@ -76,7 +82,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         raise InputError("give a reference (--reference IMAGE LABELS) or a task file (--task FILE), or use --strategy memory --classes NAMES.")
     inputs = [Path(args.target), *[Path(p) for pair in args.reference or [] for p in pair], *[Path(p) for p in args.task or []]]
     output = Path(args.output)
-    _check_output(output, inputs, args.overwrite)
+    _check_output(output, inputs, args.overwrite, label_map=True)
     target = read_image(args.target)
     predictor = _predictor(args)
     if strategy == "memory":
@@ -90,7 +96,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     bar = _progress_bar("segmenting")
     try:
         if strategy == "retrieval":
-            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k, progress=bar)
+            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
         else:
             result = predictor.segment(target, task_or_pool, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
     finally:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import IrisSegmentLib.inference.retrieval as retrieval
-from engine_fixtures import AFFINES, CLASS_NAMES, CallCounter, case, dice, make_affine, model, predictor, random_model  # noqa: F401
+from engine_fixtures import AFFINES, CLASS_NAMES, CallCounter, case, dice, model, predictor, random_model  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import InputError
 from IrisSegmentLib.inference.predictor import IrisPredictor
@@ -294,6 +294,7 @@ def test_segment_with_retrieval_uses_the_closest_reference_per_class(predictor):
         candidates = torch.stack([t.tokens[t.label_values.index(value)].flatten() for t in tasks])
         cosine = torch.nn.functional.cosine_similarity(candidates, own.tokens[row].flatten()[None], dim=1)
         tokens[k] = tasks[int(cosine.argmax())].tokens[tasks[int(cosine.argmax())].label_values.index(value)]
+    assert torch.equal(predictor.retrieve(target, tasks).tokens, tokens)  # the reusable retrieved task
     expected = predictor.segment(target, TaskEmbedding(tokens, [1, 2], pool.ensemble().segments, "MR", pool.ensemble().spacing, predictor.model_id))
     assert np.array_equal(result.array, expected.array)
 

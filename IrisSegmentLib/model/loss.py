@@ -20,5 +20,6 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, class_weight: torc
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
     per_class = dice + bce
     if class_weight is not None:
-        return (per_class * class_weight).sum() / class_weight.sum().clamp_min(1e-6)
+        weight = class_weight.expand_as(per_class)
+        return (per_class * weight).sum() / weight.sum().clamp_min(1e-6)
     return per_class.mean()

@@ -51,7 +51,9 @@ def aligned_grid(center: np.ndarray, spacing: float, shape: tuple[int, int, int]
 
 
 def _round_up(n: float, multiple: int) -> int:
-    return max(multiple, int(math.ceil(n / multiple - 1e-6)) * multiple)
+    """n rounded up to a multiple of the network stride, and at least two of them: the coarsest
+    feature map then has more than one voxel a side, which instance normalisation needs."""
+    return max(2 * multiple, int(math.ceil(n / multiple - 1e-6)) * multiple)
 
 
 def fit_spacing(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: int) -> float:

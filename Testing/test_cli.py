@@ -1,0 +1,250 @@
+"""`iris-segment` end to end on small real cases with a small random model: every command writes what it says,
+outputs keep the reference's label values and names and lie on the target's exact grid, and every user
+error exits 2 with one `error:` line and no output file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path, require_data, weights_file  # noqa: F401
+from IrisSegmentLib.cli import main
+from IrisSegmentLib.embeddings import TaskEmbedding
+from IrisSegmentLib.io import read_image, read_label_map, write_image, write_label_map
+from IrisSegmentLib.model.weights import load_model
+from IrisSegmentLib.volume import Volume
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = {3: "front part", 8: "back part"}  # non-consecutive values and names with spaces, unlike the dataset's
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """References and targets as files: the dataset's own NIfTI files, a .seg.nrrd reference with values 3 and 8,
+    and an oblique NRRD target."""
+    require_data()
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    _, labels = case("004")
+    relabeled = np.select([labels.array == 1, labels.array == 2], [3, 8], 0).astype(np.uint8)
+    named = Volume(relabeled, labels.affine, "named", {v: {"name": n, "color": (0.2, 0.4, 0.6 + v / 100)} for v, n in NAMES.items()})
+    write_label_map(named, folder / "named.seg.nrrd")
+    image, _ = case("007")
+    write_image(Volume(image.array, AFFINES["oblique_anisotropic_mirrored"], "oblique"), folder / "oblique.nrrd")
+    return {
+        "image1": image_path("001"), "labels1": labels_path("001"),
+        "image3": image_path("003"), "labels3": labels_path("003"),
+        "image4": image_path("004"), "named4": folder / "named.seg.nrrd",
+        "target": image_path("007"), "oblique": folder / "oblique.nrrd",
+    }
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def ok(capsys, *argv) -> str:
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "error:" not in err
+    return out
+
+
+def fails(capsys, *argv, output: Path | None = None, words=()) -> str:
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word.lower() in errors[0].lower(), f"{word!r} not in {errors[0]}"
+    if output is not None:
+        assert not output.exists(), f"{output} was written although the command failed"
+        leftovers = [p.name for p in output.parent.iterdir() if p.name.startswith(".") or p.name.endswith(".part")]
+        assert not leftovers, f"temporary files left behind: {leftovers}"
+    return errors[0]
+
+
+def check_output(path: Path, target: Path, names: dict[int, str]) -> Volume:
+    """The written label map: on the target's exact grid, with only the reference's values and names."""
+    result = read_label_map(path)
+    grid = read_image(target)
+    assert result.shape == grid.shape
+    np.testing.assert_allclose(result.affine, grid.affine, atol=1e-5)
+    present = set(np.unique(result.array)) - {0}
+    assert present, "nothing segmented: the value and name checks would be empty"
+    assert present <= set(names), f"unexpected label values {present - set(names)}"
+    written = {v: result.segments[v]["name"] for v in present}
+    if path.name.endswith(".seg.nrrd"):
+        assert written == {v: names[v] for v in present}
+    else:  # a .ctbl sidecar stores one-word names: underscores come back as spaces, as in Slicer (documented)
+        assert written == {v: names[v].replace("_", " ") for v in present}
+    return result
+
+
+# ---------------------------------------------------------------- encode once, then segment with the task file
+def test_encode_then_segment_with_the_task(capsys, tmp_path, files, weights_file):
+    task_path = tmp_path / "hippocampus.safetensors"
+    out = ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    assert "2 classes" in out and str(task_path) in out
+    task = TaskEmbedding.load(task_path)
+    assert task.label_values == [1, 2] and task.class_names == [CLASS_NAMES[1], CLASS_NAMES[2]]
+    assert task.model_id == load_model(weights_file, "cpu").model_id
+
+    for target, output in [(files["target"], tmp_path / "seg.nii.gz"), (files["oblique"], tmp_path / "oblique_seg.nrrd")]:
+        ok(capsys, "segment", "--task", task_path, "--target", target, "--output", output, "--weights", weights_file)
+        check_output(output, target, CLASS_NAMES)
+
+    # --classes picks from the task, keeping the label value.
+    only = tmp_path / "posterior.nii.gz"
+    ok(capsys, "segment", "--task", task_path, "--classes", CLASS_NAMES[2], "--target", files["target"], "--output", only, "--weights", weights_file)
+    assert set(np.unique(check_output(only, files["target"], {2: CLASS_NAMES[2]}).array)) <= {0, 2}
+
+
+def test_one_shot_keeps_the_reference_values_names_and_colors(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.seg.nrrd"
+    ok(capsys, "segment", "--reference", files["image4"], files["named4"], "--target", files["oblique"], "--output", output, "--weights", weights_file)
+    result = check_output(output, files["oblique"], NAMES)
+    assert set(result.segments) <= {3, 8} and result.segments
+    reference = read_label_map(files["named4"])
+    for value, segment in result.segments.items():
+        np.testing.assert_allclose(segment["color"], reference.segments[value]["color"], atol=1 / 255)
+
+
+def test_ensemble_of_two_references(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "ensemble.nii.gz"
+    ok(capsys, "segment", "--strategy", "ensemble", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], files["labels3"],
+       "--target", files["target"], "--output", output, "--weights", weights_file)
+    check_output(output, files["target"], CLASS_NAMES)
+    # The same two references without --strategy default to the ensemble; one-shot refuses two.
+    default = tmp_path / "default.nii.gz"
+    ok(capsys, "segment", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], files["labels3"],
+       "--target", files["target"], "--output", default, "--weights", weights_file)
+    assert np.array_equal(read_label_map(default).array, read_label_map(output).array)
+    refused = tmp_path / "one_shot.nii.gz"
+    fails(capsys, "segment", "--strategy", "one-shot", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], files["labels3"],
+          "--target", files["target"], "--output", refused, "--weights", weights_file, output=refused, words=("one-shot", "ensemble"))
+
+
+def test_retrieval_from_references_and_task_files(capsys, tmp_path, files, weights_file):
+    task_path = tmp_path / "task4.safetensors"
+    ok(capsys, "encode", "--reference", files["image3"], files["labels3"], "--output", task_path, "--weights", weights_file)
+    output = tmp_path / "retrieval.nii.gz"
+    ok(capsys, "segment", "--strategy", "retrieval", "--reference", files["image1"], files["labels1"], "--task", task_path,
+       "--target", files["target"], "--output", output, "--weights", weights_file)
+    check_output(output, files["target"], CLASS_NAMES)
+
+
+def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    tuned_path = tmp_path / "tuned.safetensors"
+    out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--steps", 3,
+             "--output", tuned_path, "--weights", weights_file)
+    assert "over 3 steps" in out
+    task, tuned = TaskEmbedding.load(task_path), TaskEmbedding.load(tuned_path)
+    assert tuned.label_values == task.label_values and tuned.class_names == task.class_names and tuned.model_id == task.model_id
+    assert not torch.equal(tuned.tokens, task.tokens)
+    output = tmp_path / "seg.nii.gz"
+    ok(capsys, "segment", "--task", tuned_path, "--target", files["target"], "--output", output, "--weights", weights_file)
+    check_output(output, files["target"], CLASS_NAMES)
+
+
+def test_info(capsys, weights_file):
+    out = ok(capsys, "info", "--weights", weights_file, "--device", "cpu")
+    model = load_model(weights_file, "cpu")
+    assert f"model id: {model.model_id}" in out
+    assert str(weights_file) in out
+    assert "purpose: tests" in out  # provenance
+    assert "memory bank: 0 classes" in out
+
+
+# ---------------------------------------------------------------- errors
+def test_missing_class(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--classes", "9", "--target", files["target"],
+          "--output", output, "--weights", weights_file, output=output, words=("class '9'", CLASS_NAMES[1]))
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    fails(capsys, "segment", "--task", task_path, "--classes", "liver", "--target", files["target"],
+          "--output", output, "--weights", weights_file, output=output, words=("no class 'liver'",))
+    encoded = tmp_path / "never.safetensors"
+    fails(capsys, "encode", "--reference", files["image1"], files["labels1"], "--classes", "liver", "--output", encoded,
+          "--weights", weights_file, output=encoded, words=("liver",))
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    output.write_bytes(b"precious")
+    args = ["segment", "--reference", files["image1"], files["labels1"], "--target", files["target"], "--output", output, "--weights", weights_file]
+    fails(capsys, *args, words=("exists", "--overwrite"))
+    assert output.read_bytes() == b"precious"
+    ok(capsys, *args, "--overwrite")
+    check_output(output, files["target"], CLASS_NAMES)
+
+
+def test_output_may_not_be_an_input(capsys, tmp_path, files, weights_file):
+    target = tmp_path / "target.nii.gz"
+    target.write_bytes(files["target"].read_bytes())
+    before = target.read_bytes()
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", target, "--output", target,
+          "--overwrite", "--weights", weights_file, words=("one of the inputs",))
+    assert target.read_bytes() == before
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    task_bytes = task_path.read_bytes()
+    fails(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--output", task_path,
+          "--overwrite", "--weights", weights_file, words=("one of the inputs",))
+    assert task_path.read_bytes() == task_bytes
+
+
+def test_unsupported_output_extension(capsys, tmp_path, files, weights_file):
+    for name in ("seg.png", "seg.mha", "seg"):
+        output = tmp_path / name
+        fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", files["target"], "--output", output,
+              "--weights", weights_file, output=output, words=("supported",))
+
+
+def test_nonexistent_files(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    missing = tmp_path / "nowhere.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", missing, "--output", output,
+          "--weights", weights_file, output=output, words=("nowhere.nii.gz", "not found"))
+    fails(capsys, "segment", "--reference", missing, files["labels1"], "--target", files["target"], "--output", output,
+          "--weights", weights_file, output=output, words=("nowhere.nii.gz", "not found"))
+    fails(capsys, "segment", "--task", tmp_path / "nowhere.safetensors", "--target", files["target"], "--output", output,
+          "--weights", weights_file, output=output, words=("nowhere.safetensors",))
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", files["target"], "--output", output,
+          "--weights", tmp_path / "no_weights.safetensors", output=output, words=("no_weights.safetensors", "not found"))
+    deep = tmp_path / "no" / "such" / "folder" / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", files["target"], "--output", deep,
+          "--weights", weights_file, words=("does not exist",))
+    assert not (tmp_path / "no").exists()
+
+
+def test_usage_errors(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--target", files["target"], "--output", output, "--weights", weights_file, output=output, words=("--reference",))
+    fails(capsys, "segment", "--strategy", "memory", "--target", files["target"], "--output", output, "--weights", weights_file,
+          output=output, words=("--classes",))
+    fails(capsys, "segment", "--strategy", "memory", "--classes", "liver", "--target", files["target"], "--output", output,
+          "--weights", weights_file, output=output, words=("no memory bank",))
+
+
+def test_module_entry_point_exit_code(tmp_path, files, weights_file):
+    """`python -m IrisSegmentLib` passes the exit status to the shell."""
+    output = tmp_path / "seg.nii.gz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "IrisSegmentLib", "segment", "--reference", str(files["image1"]), str(files["labels1"]), "--classes", "9",
+         "--target", str(files["target"]), "--output", str(output), "--weights", str(weights_file)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "error: class '9'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not output.exists()
