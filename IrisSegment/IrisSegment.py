@@ -286,20 +286,24 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ jobs
     def onSegment(self) -> None:
-        if self._job is not None:
-            self._job.cancel()  # the button is Cancel while a job runs
-            return
-        sceneLogic = self._readySceneLogic()
-        if sceneLogic is None:
-            return
-        node = self._parameterNode
-        self._start(
-            lambda: sceneLogic.start_segment(node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch),
+        self._cancelOrStart(
+            lambda sceneLogic, node: sceneLogic.start_segment(
+                node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch
+            ),
             "segmentButton",
-            self._onSegmented,
         )
 
     def onTune(self) -> None:
+        self._cancelOrStart(
+            lambda sceneLogic, node: sceneLogic.start_tune(
+                node.targetVolume, node.outputSegmentation, node.tuneSteps, node.allowModalityMismatch
+            ),
+            "tuneButton",
+        )
+
+    def _cancelOrStart(self, startJob, buttonName: str) -> None:
+        """The Segment and Tune buttons: Cancel while a job runs; otherwise start the job that
+        startJob(sceneLogic, parameterNode) returns (the panel's model settings applied first)."""
         if self._job is not None:
             self._job.cancel()
             return
@@ -307,11 +311,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if sceneLogic is None:
             return
         node = self._parameterNode
-        self._start(
-            lambda: sceneLogic.start_tune(node.targetVolume, node.outputSegmentation, node.tuneSteps, node.allowModalityMismatch),
-            "tuneButton",
-            self._onSegmented,
-        )
+        self._start(lambda: startJob(sceneLogic, node), buttonName, self._onSegmented)
 
     def _readySceneLogic(self):
         """The logic with the panel's model settings applied; None when PyTorch is not available."""

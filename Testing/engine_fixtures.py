@@ -19,11 +19,9 @@ import torch
 from IrisSegmentLib.model.config import IrisConfig
 from IrisSegmentLib.model.iris import IrisModel
 from IrisSegmentLib.volume import Volume
+from support import DATA, make_affine, require_paths, rotation
 
-# ../shared/data relative to the repository root.
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HIPPOCAMPUS = DATA / "Hippocampus_MRI"
-NO_DATA_REASON = f"shared test data not found at {HIPPOCAMPUS} (expected ../shared/data beside the repository)"
 CASES = ("001", "003", "004", "007")  # small (about 35x51x35 at 1 mm), labels 1 and 2
 CLASS_NAMES = {1: "hippocampus_anterior", 2: "hippocampus_posterior"}  # from the dataset's dataset.json
 
@@ -49,8 +47,8 @@ def labels_path(case: str) -> Path:
 
 
 def require_data() -> None:
-    if not all(image_path(c).is_file() and labels_path(c).is_file() for c in CASES):
-        pytest.skip(NO_DATA_REASON)
+    """Skip the running test unless the image and label map of every case in CASES are there."""
+    require_paths(*(path(c) for c in CASES for path in (image_path, labels_path)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,22 +62,6 @@ def case(number: str) -> tuple[Volume, Volume]:
     """(image, label map) of a hippocampus case as read by IrisSegmentLib.io; a fresh copy each call."""
     require_data()
     return copy.deepcopy(_read_case(number))
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
-
-
-def make_affine(directions: np.ndarray, spacing, origin) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(directions, dtype=np.float64) @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
 
 
 # Geometries a target can come with; the image content stays the same array.

@@ -19,25 +19,16 @@ from IrisSegmentLib.evaluation.metrics import ClassScore, dice, hd95, score_labe
 from IrisSegmentLib.evaluation.registration import RegistrationSettings, register_and_warp, sitk_to_volume, volume_to_sitk
 from IrisSegmentLib.evaluation.report import CSV_COLUMNS, ResultRow, plot_overlay, result_rows, summary_markdown, write_report
 from IrisSegmentLib.volume import Volume
+from support import DATA, make_affine, needs_paths, rotation
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLITS = Path(__file__).resolve().parents[1] / "Resources" / "splits.json"
-needs_data = pytest.mark.skipif(not (DATA / "Hippocampus_MRI").is_dir(), reason=f"real data not found at {DATA} (../shared/data)")
+HIPPOCAMPUS = DATA / "Hippocampus_MRI"
 
 
 def _cube(shape: tuple[int, int, int], start: tuple[int, int, int], size: int = 10) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     mask[tuple(slice(s, s + size) for s in start)] = True
     return mask
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i] = rotation[j, j] = c
-    rotation[i, j], rotation[j, i] = -s, s
-    return rotation
 
 
 # ---------------------------------------------------------------- metrics
@@ -91,9 +82,7 @@ def test_scoring_refuses_label_maps_on_different_grids() -> None:
 
 
 def test_sitk_conversion_keeps_voxels_and_world_positions() -> None:
-    affine = np.eye(4)
-    affine[:3, :3] = _rotation(2, 30) @ _rotation(0, -20) @ np.diag([0.7, 1.3, 2.5])
-    affine[:3, 3] = (12.3, -45.6, 78.9)
+    affine = make_affine(rotation(2, 30) @ rotation(0, -20), (0.7, 1.3, 2.5), (12.3, -45.6, 78.9))
     array = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # all axes differ: a transpose cannot pass
     image = volume_to_sitk(Volume(array, affine))
     assert image.GetSize() == (5, 6, 7)
@@ -107,20 +96,20 @@ def test_sitk_conversion_keeps_voxels_and_world_positions() -> None:
 
 
 def _hippocampus() -> tuple[Volume, Volume]:
-    dataset = load_dataset(DATA / "Hippocampus_MRI")
+    dataset = load_dataset(HIPPOCAMPUS)
     image, labels = read_case(dataset.case("hippocampus_001"))
     return Volume(image.array.astype(np.float32), image.affine, "hippocampus_001"), labels
 
 
-@needs_data
+@needs_paths(HIPPOCAMPUS)
 def test_registration_recovers_a_known_rigid_motion() -> None:
     image, labels = _hippocampus()
     # Target: the same scan turned 15 degrees about k around its centre and shifted by (4, -3, 2) mm (1 mm voxels).
-    rotation = _rotation(2, 15)
+    turn = rotation(2, 15)
     centre = (np.asarray(image.shape) - 1) / 2
-    offset = centre - rotation @ centre + np.array([4.0, -3.0, 2.0])
-    target_array = ndimage.affine_transform(image.array, rotation, offset, order=1, mode="nearest")
-    truth = ndimage.affine_transform(labels.array, rotation, offset, order=0, mode="constant")
+    offset = centre - turn @ centre + np.array([4.0, -3.0, 2.0])
+    target_array = ndimage.affine_transform(image.array, turn, offset, order=1, mode="nearest")
+    truth = ndimage.affine_transform(labels.array, turn, offset, order=0, mode="constant")
     target = Volume(target_array, image.affine, "moved")
 
     before = np.mean([dice(labels.array == c, truth == c) for c in (1, 2)])
@@ -231,7 +220,8 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
         split_cases(ids, 1.0)
 
 
-@pytest.mark.skipif(not SPLITS.is_file() or not DATA.is_dir(), reason="needs Resources/splits.json and ../shared/data")
+@pytest.mark.skipif(not SPLITS.is_file(), reason="needs Resources/splits.json")
+@needs_paths(DATA)
 def test_split_reproduces_the_committed_held_out_cases() -> None:
     committed = json.loads(SPLITS.read_text())["heldout"]
     for name, heldout in committed.items():

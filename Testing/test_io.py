@@ -15,8 +15,8 @@ import slicerio
 from IrisSegmentLib.errors import InputError
 from IrisSegmentLib.io import read_image, read_label_map, write_image, write_label_map
 from IrisSegmentLib.volume import Volume
+from support import DATA, make_affine, needs_paths, rotation
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAPE = (5, 6, 7)  # all different, so a transposed array cannot pass for the original
 KIDNEY = (
     "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
@@ -24,26 +24,10 @@ KIDNEY = (
 )
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i] = rotation[j, j] = c
-    rotation[i, j], rotation[j, i] = -s, s
-    return rotation
-
-
-def _affine(directions: np.ndarray, spacing: tuple, origin: tuple) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = directions @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
-
-
 AFFINES = {
-    "oblique": _affine(_rotation(2, 30) @ _rotation(0, -20), (0.7, 1.3, 2.5), (12.3, -45.6, 78.9)),
-    "mirrored": _affine(_rotation(1, 15), (-0.9, 1.1, 3.0), (-101.5, 7.25, -3.0)),  # negative determinant
-    "permuted": _affine(np.array([[0.0, 0, -1], [-1, 0, 0], [0, 1, 0]]), (1.0, 0.5, 4.0), (90.0, 120.5, -60.0)),
+    "oblique": make_affine(rotation(2, 30) @ rotation(0, -20), (0.7, 1.3, 2.5), (12.3, -45.6, 78.9)),
+    "mirrored": make_affine(rotation(1, 15), (-0.9, 1.1, 3.0), (-101.5, 7.25, -3.0)),  # negative determinant
+    "permuted": make_affine(np.array([[0.0, 0, -1], [-1, 0, 0], [0, 1, 0]]), (1.0, 0.5, 4.0), (90.0, 120.5, -60.0)),
 }
 
 
@@ -536,7 +520,7 @@ def test_slicer_segmentation_with_overlap_is_refused(slicer, tmp_path: Path) -> 
 # --- real data ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (DATA / "HeadNeck_CT").is_dir(), reason=f"real data not found at {DATA} (../shared/data)")
+@needs_paths(DATA / "HeadNeck_CT")
 def test_real_head_neck_case(tmp_path: Path) -> None:
     dataset = DATA / "HeadNeck_CT"
     label_path = sorted((dataset / "labelsTr").glob("*.nii.gz"))[0]

@@ -33,11 +33,10 @@ from IrisSegmentLib.model.config import IrisConfig  # noqa: E402
 from IrisSegmentLib.model.iris import IrisModel  # noqa: E402
 from IrisSegmentLib.model.weights import save_model  # noqa: E402
 from IrisSegmentLib.slicer_logic import IrisSceneLogic, Reference, scene_bridge  # noqa: E402
+from support import DATA, needs_paths, require_paths  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HEAD_NECK = DATA / "HeadNeck_CT"
-if not HEAD_NECK.is_dir():
-    pytest.skip(f"the real data is not at {HEAD_NECK} (../shared/data beside the repository)", allow_module_level=True)
+require_paths(HEAD_NECK, module=True)
 
 MANDIBLE_TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
@@ -451,6 +450,7 @@ def test_bad_input_is_a_clear_message_and_leaves_the_scene_unchanged(head_neck, 
     assert _node_ids() == nodes_before and not logic.busy
 
 
+@needs_paths(DATA / "Hippocampus_MRI")
 def test_reference_and_target_of_different_modality(head_neck, logic) -> None:
     mri = slicer.modules.volumes.logic().AddArchetypeVolume(str(DATA / "Hippocampus_MRI" / "imagesTr" / "hippocampus_001_0000.nii.gz"), "MR", 0)
     nodes_before = _node_ids()

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import read_image, read_label_map
+from ..io.sidecars import parse_label_table
 from ..volume import Volume
 
 _LAYOUT = "expected the nnU-Net layout: dataset.json, imagesTr/<case>_0000.nii.gz and labelsTr/<case>.nii.gz"
@@ -54,17 +55,13 @@ def _label_names(labels: object, json_path: Path) -> dict[int, str]:
     """nnU-Net v2 ("name": value) or v1/MSD ("value": "name") label table, background dropped."""
     if not isinstance(labels, dict) or not labels:
         raise InputError(f"{json_path}: needs a non-empty \"labels\" table (name -> label value); {_LAYOUT}.")
-    names: dict[int, str] = {}
-    for key, value in labels.items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            names[value] = str(key)
-        elif isinstance(value, str) and str(key).isdigit():
-            names[int(key)] = value
-        else:
-            raise InputError(
-                f"{json_path}: label {key!r} -> {value!r} is not one integer value (region-based labels cannot be "
-                "scored per class); give each class its own label value."
-            )
+    names, others = parse_label_table(labels)
+    if others:
+        key, value = others[0]
+        raise InputError(
+            f"{json_path}: label {key!r} -> {value!r} is not one integer value (region-based labels cannot be "
+            "scored per class); give each class its own label value."
+        )
     names.pop(0, None)
     return names
 

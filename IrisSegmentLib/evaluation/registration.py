@@ -127,6 +127,12 @@ def _method(settings: RegistrationSettings, shrink: list[int], mask: sitk.Image)
     return method
 
 
+def _optimize(method: sitk.ImageRegistrationMethod, transform: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> None:
+    """Run `method` from `transform`, which it optimizes in place (so `transform` holds the result)."""
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+
+
 def _initial_translation(
     fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, settings: RegistrationSettings
 ) -> sitk.Euler3DTransform:
@@ -139,8 +145,7 @@ def _initial_translation(
         method = _method(settings, [_shrink_factors(fixed)[0]], mask)
         method.SetOptimizerAsExhaustive([0, 0, 0] + [settings.search_steps] * 3, stepLength=1.0)
         method.SetOptimizerScales([1.0, 1.0, 1.0] + step_mm.tolist())  # rotations stay at 0
-        method.SetInitialTransform(transform, inPlace=True)
-        method.Execute(fixed, moving)
+        _optimize(method, transform, fixed, moving)
     return transform
 
 
@@ -157,8 +162,7 @@ def _register_affine(
     )
     # Scales from a 1 mm shift make rotations/scalings and translations move points comparably.
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
+    _optimize(method, affine, fixed, moving)
     return affine
 
 
@@ -180,8 +184,7 @@ def _register_deformable(
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(displacement, inPlace=True)
-    method.Execute(fixed, moving)
+    _optimize(method, displacement, fixed, moving)
     # Composite transforms apply the last added first: fixed point -> displacement -> affine -> moving point.
     return sitk.CompositeTransform([affine, displacement])
 

@@ -58,6 +58,24 @@ def write_color_table(segments: dict[int, dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def parse_label_table(labels: dict) -> tuple[dict[int, str], list[tuple[object, object]]]:
+    """The "labels" table of a dataset.json as (label value -> name, entries that name no single label value).
+
+    Accepts nnU-Net v2 ("name": value) and the older MSD / nnU-Net v1 form ("value": "name"); anything else,
+    such as an nnU-Net region (a name for a list of values), is returned as a (key, value) pair, in table order.
+    """
+    names: dict[int, str] = {}
+    others: list[tuple[object, object]] = []
+    for key, value in labels.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            names[value] = str(key)
+        elif isinstance(value, str) and str(key).isdigit():
+            names[int(key)] = value
+        else:
+            others.append((key, value))
+    return names, others
+
+
 def dataset_label_names(label_map: Path) -> dict[int, str]:
     """Label value -> name from `<Dataset>/dataset.json` for `<Dataset>/<labels folder>/<case>`; {} if there is none.
 
@@ -76,10 +94,4 @@ def dataset_label_names(label_map: Path) -> dict[int, str]:
     labels = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(labels, dict):
         return {}
-    names: dict[int, str] = {}
-    for key, value in labels.items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            names[value] = str(key)
-        elif isinstance(value, str) and str(key).isdigit():
-            names[int(key)] = value
-    return names
+    return parse_label_table(labels)[0]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..io import read_image, read_label_map
+from ..io.sidecars import parse_label_table
 from ..preprocessing.grid import aligned_grid, fit_grid, resample
 from ..preprocessing.intensity import foreground_box, normalize
 from .augment import IntensityAugment, LabelSynthesizer, random_world_transform
@@ -75,7 +76,7 @@ def _class_voxels(labels: np.ndarray, values: list[int], rng: np.random.Generato
 
 def load_set(folder: Path, working_size: int, heldout: set[str], weight: float) -> TrainingSet:
     meta = json.loads((folder / "dataset.json").read_text())
-    names = {int(v): k for k, v in meta["labels"].items() if int(v) != 0}
+    names = {v: k for v, k in parse_label_table(meta["labels"])[0].items() if v != 0}
     synthetic = not (folder / "imagesTr").exists()
     label_files = sorted((folder / "labelsTr").glob("*.nii.gz"))
     channel = next(iter(meta.get("channel_names", {}).values()), "MR")
