@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    tmp = path.with_name(f".{secrets.token_hex(4)}.{path.name}.part")  # default file permissions, unlike mkstemp
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name in sorted(arrays):
