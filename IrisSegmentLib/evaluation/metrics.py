@@ -11,6 +11,7 @@ NaN HD95 values are skipped when averaging (see ``report``), so they never pass 
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -49,13 +50,15 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
     truth = np.asarray(truth, dtype=bool)
     if not prediction.any() or not truth.any():
         return float("nan")
-    distance = compute_hausdorff_distance(
-        torch.from_numpy(prediction[None, None]),
-        torch.from_numpy(truth[None, None]),
-        include_background=True,  # the single channel is the class itself, not background
-        percentile=95,
-        spacing=[float(s) for s in spacing],
-    )
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            torch.from_numpy(prediction[None, None]),
+            torch.from_numpy(truth[None, None]),
+            include_background=True,  # the single channel is the class itself, not background
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
     return float(distance.item())
 
 
