@@ -9,6 +9,7 @@ plot and a few slice overlays.
 Strategies: one-shot (first reference), ensemble (all K), retrieval (pool of K, top-1 per class),
 tune (one-shot embeddings tuned on one more training case whose labels stand in for a clinician's
 correction; never on a held-out case). Model seconds per case include encoding its references.
+Each case is scored on the classes its truth holds.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     for n, case_id in enumerate(heldout):
         image, truth = read_case(dataset.case(case_id))
-        classes = sorted(set(present_labels(truth.array)) | set(tasks[0].label_values))
+        # Classes the case's truth holds: a class absent from the truth would score Dice 1 when nothing is
+        # predicted, which flatters a method that misses everything (OARs are not in every OpenKBP case).
+        classes = sorted(set(present_labels(truth.array)) & set(tasks[0].label_values))
         predictions = {}
         for method, (task, prep_seconds) in plans.items():
             start = time.perf_counter()
