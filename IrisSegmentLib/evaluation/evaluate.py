@@ -21,6 +21,7 @@ import numpy as np
 
 from ..embeddings import TaskEmbedding
 from ..errors import InputError
+from ..io import read_label_map
 from ..segments import present_labels
 from ..training.data import load_split
 from .dataset import EvaluationDataset, load_dataset, read_case, split_cases
@@ -28,19 +29,21 @@ from .metrics import score_labels
 from .registration import register_and_warp
 from .report import ResultRow, plot_overlay, result_rows, write_report
 
+
 def heldout_and_training(dataset: EvaluationDataset) -> tuple[list[str], list[str]]:
     ids = dataset.case_ids
-    fixed = load_split().get(dataset.name) or load_split().get(dataset.folder.name)
+    split = load_split()
+    fixed = split.get(dataset.name) or split.get(dataset.folder.name)
     if fixed:
-        heldout = sorted(set(fixed) & set(ids))
-        return heldout, [i for i in ids if i not in set(heldout)]
+        heldout = set(fixed) & set(ids)
+        return sorted(heldout), [i for i in ids if i not in heldout]
     training, heldout = split_cases(ids, 0.25)
     return heldout, training
 
 
 def pick_references(dataset: EvaluationDataset, training: list[str], count: int) -> list[str]:
     """The `count` training cases with the most classes labelled (ties: case id order)."""
-    richness = {i: len(present_labels(read_case(dataset.case(i))[1].array)) for i in training}
+    richness = {i: len(present_labels(read_label_map(dataset.case(i).labels_path).array)) for i in training}
     return sorted(training, key=lambda i: (-richness[i], i))[:count]
 
 
