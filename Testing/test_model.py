@@ -19,6 +19,7 @@ from IrisSegmentLib.model.loss import dice_bce_loss
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
 from IrisSegmentLib.model.task_encoder import LevelTaskEncoder, pixel_shuffle_3d, pixel_unshuffle_3d, upsampling_adjoint
 from IrisSegmentLib.model.weights import load_model, save_model
+from IrisSegmentLib.training.data import Episode, stack_episodes
 from IrisSegmentLib.volume import Volume
 
 
@@ -76,6 +77,36 @@ def test_task_tokens_have_one_row_per_class():
     with torch.no_grad():
         tokens = model.encode_task(image, masks)
     assert tuple(tokens.shape) == (1, 2, config.tokens_per_class, config.token_dim)
+
+
+def test_a_training_batch_pads_classes_without_changing_any_episode():
+    """Episodes of different K are stacked and padded to one K for batched (oneDNN) convolutions;
+    each episode's logits and tokens must equal what it gives alone, unpadded."""
+    model = random_model(0)
+    g = torch.Generator().manual_seed(3)
+
+    def episode(k: int, keys: list[str]) -> Episode:
+        image, query = torch.randn(2, 1, 1, 32, 32, 32, generator=g)
+        masks = (torch.rand(2, 1, k, 32, 32, 32, generator=g) > 0.85).float()
+        return Episode(image, masks[0], query, masks[1], keys)
+
+    episodes = [episode(3, ["a", "b", "c"]), episode(1, ["d"])]
+    batch = stack_episodes(episodes)
+    assert batch.classes.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.class_keys == [["a", "b", "c"], ["d"]]
+    with torch.no_grad():
+        logits, tokens = model(batch.reference, batch.reference_masks, batch.query, batch.classes)
+        for b, ep in enumerate(episodes):
+            alone_logits, alone_tokens = model(ep.reference, ep.reference_masks, ep.query)
+            k = len(ep.class_keys)
+            torch.testing.assert_close(logits[b : b + 1, :k], alone_logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(tokens[b : b + 1, :k], alone_tokens, rtol=1e-4, atol=1e-4)
+    # Padded classes carry no loss: a loss weighted by the class mask ignores whatever they predict.
+    target = batch.query_masks
+    scrambled = logits.clone()
+    scrambled[1, 1:] = 100.0
+    weight = batch.classes.float()
+    assert float(dice_bce_loss(scrambled, target, weight)) == pytest.approx(float(dice_bce_loss(logits, target, weight)), abs=1e-6)
 
 
 # ---------------------------------------------------------------- high-resolution foreground pooling

@@ -14,10 +14,11 @@ class Attention(nn.Module):
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, queries: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, context: torch.Tensor | None = None, ignore: torch.Tensor | None = None) -> torch.Tensor:
+        """`ignore` (B, keys) marks keys no query may attend to (padding)."""
         q = self.norm_q(queries)
         kv = q if context is None else self.norm_kv(context)
-        out, _ = self.attn(q, kv, kv, need_weights=False)
+        out, _ = self.attn(q, kv, kv, key_padding_mask=ignore, need_weights=False)
         return queries + out
 
 

@@ -13,8 +13,10 @@ class IrisConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     blocks_per_stage: int = 1
     stem_stride: int = 2
-    # Task tokens are built from the `task_levels` coarsest stages (stride 16 and 8 by default).
-    task_levels: int = 2
+    # Task tokens are built from the `task_levels` coarsest stages (strides 16, 8 and 4 by default);
+    # the decoder's two-way attention runs at the `decoder_attention_levels` coarsest of them.
+    task_levels: int = 3
+    decoder_attention_levels: int = 2
     context_tokens: int = 10          # m learnable query tokens per class and level
     token_dim: int = 128              # every level's tokens are projected to this width
     attention_heads: int = 4

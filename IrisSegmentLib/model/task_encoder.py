@@ -74,6 +74,7 @@ class LevelTaskEncoder(nn.Module):
         self.to_fg = nn.Linear(channels, config.token_dim)
         self.to_ctx = nn.Linear(channels, config.token_dim)
         self.queries = nn.Parameter(torch.randn(config.context_tokens, config.token_dim) * 0.02)
+        self.inside = nn.Parameter(torch.randn(config.token_dim) * 0.02)
         self.blocks = nn.ModuleList(ContextBlock(config.token_dim, config.attention_heads) for _ in range(config.context_blocks))
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -92,8 +93,12 @@ class LevelTaskEncoder(nn.Module):
         small_mask = F.adaptive_avg_pool3d(masks.reshape(b * k, 1, *masks.shape[2:]), fine.shape[2:])
         fused = pixel_unshuffle_3d(self.fuse(torch.cat([fine, small_mask], 1)), self.r)
         fused = fused + features[:, None].expand(b, k, *features.shape[1:]).reshape(b * k, c, *size)
-        keys = self.to_ctx(fused.flatten(2).transpose(1, 2))
-        tokens = self.queries[None].expand(b * k, -1, -1)
+        # The class's mask is marked on the keys and its foreground token seeds the queries: without
+        # both, attention over the whole reference learns to ignore the mask and every class's
+        # context tokens come out the same.
+        inside = F.adaptive_avg_pool3d(masks.reshape(b * k, 1, *masks.shape[2:]), size).flatten(1)
+        keys = self.to_ctx(fused.flatten(2).transpose(1, 2)) + inside[..., None] * self.inside
+        tokens = self.queries[None] + fg.reshape(b * k, 1, -1)
         for block in self.blocks:
             tokens = block(tokens, keys)
         return torch.cat([fg, tokens.reshape(b, k, *tokens.shape[1:])], 2)

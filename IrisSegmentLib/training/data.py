@@ -155,8 +155,12 @@ class EpisodeSampler:
             return None
         chosen = [int(v) for v in rng.choice(common, size=min(len(common), int(rng.integers(1, self.max_classes + 1))), replace=False)]
         spacing = query_case.base_spacing * rng.uniform(0.85, 1.15)
-        focus = chosen[rng.integers(len(chosen))]
-        q_center = self._center(query_case, [focus], rng, spread=0.25)
+        # Mostly centred on one chosen class; otherwise on any labelled structure of the query, so the
+        # chosen classes sit anywhere in the crop or outside it and "segment what is in the middle"
+        # cannot pass for following the reference.
+        focus_pool = chosen if rng.random() < 0.7 else sorted(query_case.class_voxels)
+        focus = focus_pool[rng.integers(len(focus_pool))]
+        q_center = self._center(query_case, [focus], rng, spread=0.35)
         r_center = self._center(ref_case, chosen, rng, spread=0.1)
         query_img, query_lab = self._crop(query_case, q_center, spacing, rng)
         ref_img, ref_lab = self._crop(ref_case, r_center, spacing * rng.uniform(0.9, 1.1), rng)
@@ -194,8 +198,33 @@ class EpisodeSampler:
         return image, labels
 
 
+@dataclass
+class EpisodeBatch:
+    """Episodes stacked into one batch, their class axes padded to the largest K."""
+    reference: torch.Tensor        # (B, 1, P, P, P)
+    reference_masks: torch.Tensor  # (B, K, P, P, P), zero for padded classes
+    query: torch.Tensor            # (B, 1, P, P, P)
+    query_masks: torch.Tensor      # (B, K, P, P, P)
+    classes: torch.Tensor          # (B, K) bool: True for real classes
+    class_keys: list[list[str]]    # per episode, its real classes in order
+
+
+def stack_episodes(episodes: list[Episode]) -> EpisodeBatch:
+    k = max(len(ep.class_keys) for ep in episodes)
+
+    def pad(masks: torch.Tensor) -> torch.Tensor:
+        return torch.cat([masks, masks.new_zeros((1, k - masks.shape[1], *masks.shape[2:]))], 1)
+
+    classes = torch.tensor([[i < len(ep.class_keys) for i in range(k)] for ep in episodes])
+    return EpisodeBatch(
+        torch.cat([ep.reference for ep in episodes]), torch.cat([pad(ep.reference_masks) for ep in episodes]),
+        torch.cat([ep.query for ep in episodes]), torch.cat([pad(ep.query_masks) for ep in episodes]),
+        classes, [ep.class_keys for ep in episodes],
+    )
+
+
 class EpisodeStream(torch.utils.data.IterableDataset):
-    """Episodes for steps start..stop in order, each drawn from its own (seed, rank, step, micro) RNG.
+    """One batch of episodes per step, start..stop in order, each episode drawn from its own (seed, rank, step, micro) RNG.
 
     Served by a DataLoader worker so sampling overlaps the optimiser step; the order, and so the
     run, stays a pure function of the step number.
@@ -208,5 +237,4 @@ class EpisodeStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         torch.set_num_threads(1)
         for step in range(self.start, self.stop):
-            for micro in range(self.per_step):
-                yield self.sampler.sample(np.random.default_rng([self.seed, self.rank, step, micro]))
+            yield stack_episodes([self.sampler.sample(np.random.default_rng([self.seed, self.rank, step, micro])) for micro in range(self.per_step)])

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, log, exported weights")
     p.add_argument("--steps", type=int, default=40000, help="total optimiser steps of the schedule")
     p.add_argument("--patch", type=int, default=64, help="training crop size in voxels (the working spacing stays that of a full target)")
-    p.add_argument("--episodes-per-step", type=int, default=2)
+    p.add_argument("--episodes-per-step", type=int, default=4, help="episodes per optimiser step, run as one batch")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -103,17 +103,16 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(args.episodes_per_step):
-            ep = next(episodes)
-            logits, tokens = net(ep.reference.to(device), ep.reference_masks.to(device), ep.query.to(device))
-            loss = dice_bce_loss(logits, ep.query_masks.to(device)) / args.episodes_per_step
-            loss.backward()
-            total += float(loss.detach())
-            with torch.no_grad():
-                for key, emb in zip(ep.class_keys, tokens[0].detach()):
-                    row = class_index[key]
-                    bank = model.memory_bank[row]
+        batch = next(episodes)
+        classes = batch.classes.to(device)
+        logits, tokens = net(batch.reference.to(device), batch.reference_masks.to(device), batch.query.to(device), classes)
+        loss = dice_bce_loss(logits, batch.query_masks.to(device), classes.to(logits.dtype))
+        loss.backward()
+        total = float(loss.detach())
+        with torch.no_grad():
+            for keys, episode_tokens in zip(batch.class_keys, tokens.detach()):
+                for key, emb in zip(keys, episode_tokens):
+                    bank = model.memory_bank[class_index[key]]
                     bank.copy_(emb if not bank.any() else args.ema * bank + (1 - args.ema) * emb)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
