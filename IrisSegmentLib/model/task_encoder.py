@@ -30,18 +30,25 @@ def pixel_unshuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * r**3, d // r, h // r, w // r)
 
 
+def _linear_upsampling_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in): the weights 1-D linear upsampling (align_corners=False) gives each input."""
+    eye = torch.eye(size_in, dtype=like.dtype, device=like.device)[None]
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T
+
+
 def upsampling_adjoint(masks: torch.Tensor, feature_size: tuple[int, ...]) -> torch.Tensor:
     """Weights w at feature resolution with sum(up(F) * m) == sum(F * w) for trilinear upsampling `up`.
 
     Pooling the upsampled feature map inside a full-resolution mask keeps small structures
     (the paper's high-resolution foreground pooling) but materialising C channels at input
     resolution costs gigabytes; the adjoint gives the identical sum at feature resolution.
+    Trilinear upsampling is a product of one linear map per axis, so its adjoint is three small
+    matrix products.
     """
-    probe = torch.zeros((*masks.shape[:2], *feature_size), dtype=masks.dtype, device=masks.device, requires_grad=True)
-    with torch.enable_grad():
-        up = F.interpolate(probe, size=masks.shape[2:], mode="trilinear", align_corners=False)
-        (weights,) = torch.autograd.grad(up, probe, grad_outputs=masks)
-    return weights
+    uz, uy, ux = (_linear_upsampling_matrix(n, size, masks) for n, size in zip(feature_size, masks.shape[2:]))
+    weights = masks @ ux
+    weights = torch.einsum("bkdhw,hH->bkdHw", weights, uy)
+    return torch.einsum("bkdhw,dD->bkDhw", weights, uz)
 
 
 class ContextBlock(nn.Module):
