@@ -283,3 +283,33 @@ def test_overlay_writes_a_png_per_case(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="voxel grid"):
         plot_overlay(image, Volume(truth, affine), {"iris": Volume(prediction, np.eye(4))}, tmp_path / "bad.png")
 
+
+
+# ---------------------------------------------------------------- the whole evaluate command
+
+
+@needs_paths(DATA / "Hippocampus_MRI")
+def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_path: Path) -> None:
+    from engine_fixtures import random_model
+
+    from IrisSegmentLib.evaluation.evaluate import evaluate
+    from IrisSegmentLib.inference.predictor import IrisPredictor
+    from IrisSegmentLib.training.data import load_split
+
+    rows = evaluate(DATA / "Hippocampus_MRI", tmp_path / "report", IrisPredictor(random_model(0)),
+                    ["one-shot", "ensemble", "tune"], references=2, cases=2, tune_steps=2, overlays=1)
+    heldout = load_split()["Hippocampus_MRI"][:2]
+    methods = {"one-shot", "ensemble-2", "one-shot+tune", "registration"}
+    assert {r.method for r in rows} == methods
+    assert {r.case for r in rows} == set(heldout), "only held-out cases are scored"
+    for method in methods:  # every method scores every class of every case
+        assert sorted((r.case, r.class_name) for r in rows if r.method == method) == sorted(
+            (case, name) for case in heldout for name in ("hippocampus_anterior", "hippocampus_posterior")
+        )
+    assert all(0.0 <= r.dice <= 1.0 and r.seconds > 0 for r in rows)
+    with open(tmp_path / "report" / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "speed-up vs registration" in summary and "one-time seconds" in summary
+    assert (tmp_path / "report" / "dice_per_class.png").is_file()
+    assert (tmp_path / "report" / f"overlay_{heldout[0]}.png").is_file()

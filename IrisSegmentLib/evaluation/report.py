@@ -67,12 +67,12 @@ def _ordered(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None) -> str:
+def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None, notes: Sequence[str] = ()) -> str:
     """Per dataset: mean Dice and HD95 per class and method, then mean seconds per case and speed-up.
 
     The speed-up of a method is the baseline's mean seconds over its own; the baseline defaults
     to the slowest method of the dataset. HD95 means skip cases where it is undefined (an empty
-    prediction or truth) and say how many were skipped.
+    prediction or truth) and say how many were skipped. `notes` close the summary (how times were counted).
     """
     if not rows:
         raise InputError("no results to summarise: the evaluation produced no rows.")
@@ -96,6 +96,7 @@ def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None) -> 
             ratio = f"{base_seconds / seconds:.1f}x" if seconds > 0 else "n/a"
             lines.append(f"| {method} | {cases} | {seconds:.2f} | {ratio} |")
         lines.append("")
+    lines += list(notes)
     return "\n".join(lines)
 
 
@@ -128,8 +129,8 @@ def _class_table(rows: Sequence[ResultRow], methods: list[str], classes: list[st
     return lines
 
 
-def write_summary(rows: Sequence[ResultRow], path: str | Path, baseline: str | None = None) -> None:
-    Path(path).write_text(summary_markdown(rows, baseline), encoding="utf-8")
+def write_summary(rows: Sequence[ResultRow], path: str | Path, baseline: str | None = None, notes: Sequence[str] = ()) -> None:
+    Path(path).write_text(summary_markdown(rows, baseline, notes), encoding="utf-8")
 
 
 def _save(figure: Figure, path: str | Path) -> None:
@@ -233,12 +234,12 @@ def plot_overlay(
     _save(figure, path)
 
 
-def write_report(rows: Sequence[ResultRow], folder: str | Path, baseline: str | None = None) -> dict[str, Path]:
+def write_report(rows: Sequence[ResultRow], folder: str | Path, baseline: str | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
     """CSV, markdown summary and Dice bar plot into ``folder``; returns their paths by kind."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "results.csv", "summary": folder / "summary.md", "dice_plot": folder / "dice_per_class.png"}
     write_csv(rows, paths["csv"])
-    write_summary(rows, paths["summary"], baseline)
+    write_summary(rows, paths["summary"], baseline, notes)
     plot_dice_bars(rows, paths["dice_plot"])
     return paths
