@@ -103,7 +103,7 @@ class LevelTaskEncoder(nn.Module):
         # The class's mask is marked on the keys and its foreground token seeds the queries: without
         # both, attention over the whole reference learns to ignore the mask and every class's
         # context tokens come out the same.
-        inside = F.adaptive_avg_pool3d(masks.reshape(b * k, 1, *masks.shape[2:]), size).flatten(1)
+        inside = F.avg_pool3d(small_mask, self.r).flatten(1)  # the mask fraction of each feature voxel
         keys = self.to_ctx(fused.flatten(2).transpose(1, 2)) + inside[..., None] * self.inside
         tokens = self.queries[None] + fg.reshape(b * k, 1, -1)
         for block in self.blocks:
