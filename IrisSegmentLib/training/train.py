@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40000, help="total optimiser steps of the schedule")
     p.add_argument("--patch", type=int, default=64, help="training crop size in voxels (the working spacing stays that of a full target)")
     p.add_argument("--episodes-per-step", type=int, default=4, help="episodes per optimiser step, run as one batch")
+    p.add_argument("--max-classes", type=int, default=6, help="at most this many classes per episode (many-class sets are segmented all at once)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     base_config = IrisConfig()
     sets = load_all(args.data, base_config.working_size, args.datasets)
-    sampler = EpisodeSampler(sets, args.patch)
+    sampler = EpisodeSampler(sets, args.patch, args.max_classes)
     class_keys = sampler.class_keys()
     config = replace(base_config, memory_classes=tuple(class_keys))
     log.info("sets: %s", ", ".join(f"{s.name} ({s.kind}, {len(s.cases)} cases)" for s in sets))
@@ -142,6 +143,7 @@ def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, co
         "device": str(next(model.parameters()).device),
         "patch": args.patch,
         "episodes_per_step": args.episodes_per_step,
+        "max_classes": args.max_classes,
         "lr": args.lr,
         "data": sorted({k.split("/")[0] for k in config.memory_classes}),
         "heldout": "Resources/splits.json",
