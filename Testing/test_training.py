@@ -113,3 +113,34 @@ def test_an_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> 
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert (tmp_path / "straight" / "iris_step000003.safetensors").is_file()
+
+
+def test_checkpoint_selection_never_validates_on_held_out_cases_or_references(tmp_path: Path) -> None:
+    """Choosing the shipped checkpoint must not peek at the cases the final evaluation scores."""
+    from IrisSegmentLib.evaluation.dataset import load_dataset
+    from IrisSegmentLib.evaluation.evaluate import heldout_and_training, pick_references
+    from IrisSegmentLib.model.config import IrisConfig
+    from IrisSegmentLib.model.iris import IrisModel
+    from IrisSegmentLib.model.weights import save_model
+    from IrisSegmentLib.training.select import main as select_main, validation_cases
+
+    _write_set(tmp_path, "Toy_Select", 10, with_images=True)
+    dataset = load_dataset(tmp_path / "Toy_Select")
+    heldout, training = heldout_and_training(dataset)
+    reference, everything = validation_cases(tmp_path / "Toy_Select", 100)
+    assert heldout and sorted(everything) == sorted(set(training) - set(pick_references(dataset, training, 4)))
+    assert reference == pick_references(dataset, training, 1)[0]
+    _, validation = validation_cases(tmp_path / "Toy_Select", 3)
+    assert validation == everything[-3:]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        save_model(IrisModel(IrisConfig()), run / f"iris_step{step:06d}.safetensors", {"steps": step})
+    select_main(["--run", str(run), "--data", str(tmp_path), "--sets", "Toy_Select", "--cases", "3", "--threads", "1"])
+    report = json.loads((run / "validation.json").read_text())
+    assert [r["checkpoint"] for r in report["rows"]] == ["iris_step000001.safetensors", "iris_step000002.safetensors"]
+    assert report["sets"]["Toy_Select"]["cases"] == validation
+    assert all(0 <= r["Toy_Select"] <= 1 for r in report["rows"])
+    assert report["best"] == max(report["rows"], key=lambda r: r["mean"])["checkpoint"]

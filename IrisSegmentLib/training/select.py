@@ -1,0 +1,96 @@
+"""Pick the checkpoint to ship: score a run's checkpoints one-shot on validation cases.
+
+Validation cases come from each set's training part (never its held-out part, which stays for the
+final evaluation): the last cases in id order, skipping the references and the tuning case that
+`iris-segment evaluate` picks. The reference is evaluate's first reference, so the score tracks what
+the evaluation will measure without looking at the held-out cases. Training saw these cases, so the
+score flatters every checkpoint alike; it ranks checkpoints, it does not estimate accuracy.
+
+    python -m IrisSegmentLib.training.select --run runs/iris-cpu-v2 --data ../shared/data \
+        --sets HeadNeck_CT Abdomen_MRI Hippocampus_MRI [--cases 8] [--last 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluation.dataset import load_dataset, read_case
+from ..evaluation.evaluate import heldout_and_training, pick_references
+from ..evaluation.metrics import score_labels
+from ..inference.predictor import IrisPredictor
+from ..model.weights import load_model
+from ..segments import present_labels
+
+
+def validation_cases(data: Path, count: int) -> tuple[str, list[str]]:
+    """(reference id, validation ids) for one dataset folder, both from its training part."""
+    dataset = load_dataset(data)
+    _, training = heldout_and_training(dataset)
+    # evaluate uses up to 3 references and one tuning case; none of them validates.
+    reserved = set(pick_references(dataset, training, min(4, len(training))))
+    rest = [i for i in training if i not in reserved]
+    if not rest:
+        raise SystemExit(f"{dataset.name}: no training case is left for validation beside the references.")
+    return pick_references(dataset, training, 1)[0], rest[-count:]
+
+
+def score_checkpoint(weights: Path, sets: dict[str, tuple[Path, str, list[str]]]) -> dict[str, float]:
+    """Mean one-shot Dice over classes and cases, per set."""
+    predictor = IrisPredictor(load_model(weights, "cpu"))
+    scores = {}
+    for name, (folder, ref_id, case_ids) in sets.items():
+        dataset = load_dataset(folder)
+        task = predictor.encode_reference(*read_case(dataset.case(ref_id)))
+        dice = []
+        for case_id in case_ids:
+            image, truth = read_case(dataset.case(case_id))
+            classes = sorted(set(present_labels(truth.array)) & set(task.label_values))
+            dice += [s.dice for s in score_labels(predictor.segment(image, task), truth, classes).values()]
+        scores[name] = float(np.mean(dice))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="training run folder holding iris_step*.safetensors")
+    p.add_argument("--data", type=Path, required=True, help="data root with one nnU-Net-layout folder per set")
+    p.add_argument("--sets", nargs="+", required=True, help="image sets to validate on")
+    p.add_argument("--cases", type=int, default=8, help="validation cases per set")
+    p.add_argument("--last", type=int, default=4, help="score the last N checkpoints")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    checkpoints = sorted(args.run.glob("iris_step*.safetensors"))[-args.last:]
+    if not checkpoints:
+        raise SystemExit(f"no iris_step*.safetensors in {args.run}")
+    sets = {}
+    for name in args.sets:
+        ref_id, case_ids = validation_cases(args.data / name, args.cases)
+        sets[name] = (args.data / name, ref_id, case_ids)
+        print(f"{name}: reference {ref_id}; validation cases {', '.join(case_ids)}")
+    rows = []
+    for weights in checkpoints:
+        scores = score_checkpoint(weights, sets)
+        rows.append({"checkpoint": weights.name, **scores, "mean": float(np.mean(list(scores.values())))})
+        print(f"{weights.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "checkpoint"), flush=True)
+    best = max(rows, key=lambda r: r["mean"])
+    lines = ["| checkpoint | " + " | ".join(sets) + " | mean |", "|---" * (len(sets) + 2) + "|"]
+    lines += [f"| {r['checkpoint']} | " + " | ".join(f"{r[s]:.3f}" for s in sets) + f" | {r['mean']:.3f} |" for r in rows]
+    (args.run / "validation.md").write_text(
+        "# One-shot validation Dice per checkpoint\n\nCases from the training part (see "
+        "`IrisSegmentLib/training/select.py`):\n\n"
+        + "\n".join(f"- {n}: reference {r}; {', '.join(c)}" for n, (_, r, c) in sets.items())
+        + "\n\n" + "\n".join(lines) + f"\n\nBest: {best['checkpoint']}\n"
+    )
+    (args.run / "validation.json").write_text(json.dumps({"sets": {n: {"reference": r, "cases": c} for n, (_, r, c) in sets.items()},
+                                                          "rows": rows, "best": best["checkpoint"]}, indent=1))
+    print("\n".join(lines))
+    print(f"best: {best['checkpoint']} (written to {args.run / 'validation.md'})")
+
+
+if __name__ == "__main__":
+    main()
