@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -23,11 +22,9 @@ ROOT = Path(__file__).resolve().parent
 
 def main() -> None:
     from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
-    from IrisSegmentLib.evaluation.evaluate import heldout_and_training, pick_references
-    from IrisSegmentLib.evaluation.metrics import score_labels
+    from IrisSegmentLib.evaluation.evaluate import heldout_and_training, mean_dice, pick_references
     from IrisSegmentLib.inference.predictor import IrisPredictor
     from IrisSegmentLib.model.weights import default_weights_path, load_model
-    from IrisSegmentLib.segments import present_labels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset folder (imagesTr/labelsTr/dataset.json)")
@@ -50,14 +47,7 @@ def main() -> None:
     task = predictor.encode_reference(*read_case(dataset.case(ref_id)))
     tune_image, tune_labels = read_case(dataset.case(tune_id))
 
-    def held_out_dice(embedding) -> float:
-        scores = []
-        for image, truth in targets:
-            classes = sorted(set(present_labels(truth.array)) & set(embedding.label_values))
-            scores += [s.dice for s in score_labels(predictor.segment(image, embedding), truth, classes).values()]
-        return float(np.mean(scores))
-
-    rows = [{"lr": 0.0, "steps": 0, "dice": held_out_dice(task), "tune_seconds": 0.0, "final_loss": None}]
+    rows = [{"lr": 0.0, "steps": 0, "dice": mean_dice(predictor, task, targets), "tune_seconds": 0.0, "final_loss": None}]
     print(f"{dataset.name}: {model_note}; reference {ref_id}, tuning case {tune_id}, {len(targets)} held-out cases")
     print(f"one-shot (no tuning): Dice {rows[0]['dice']:.3f}")
     for steps in args.steps:
@@ -65,7 +55,7 @@ def main() -> None:
             start = time.perf_counter()
             tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr)
             seconds = time.perf_counter() - start
-            rows.append({"lr": lr, "steps": steps, "dice": held_out_dice(tuned), "tune_seconds": seconds,
+            rows.append({"lr": lr, "steps": steps, "dice": mean_dice(predictor, tuned, targets), "tune_seconds": seconds,
                          "final_loss": predictor.tuning_losses[-1], "first_loss": predictor.tuning_losses[0]})
             r = rows[-1]
             print(f"lr {lr:g} steps {steps}: Dice {r['dice']:.3f} ({r['dice'] - rows[0]['dice']:+.3f}); "

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..io import read_label_map
 from ..segments import present_labels
 from ..training.data import load_split
+from ..volume import Volume
 from .dataset import EvaluationDataset, load_dataset, read_case, split_cases
 from .metrics import score_labels
 from .registration import register_and_warp
@@ -47,6 +48,21 @@ def pick_references(dataset: EvaluationDataset, training: list[str], count: int)
     """The `count` training cases with the most classes labelled (ties: case id order)."""
     richness = {i: len(present_labels(read_label_map(dataset.case(i).labels_path).array)) for i in training}
     return sorted(training, key=lambda i: (-richness[i], i))[:count]
+
+
+def classes_to_score(truth: Volume, label_values: list[int]) -> list[int]:
+    """The task's classes that the case's truth holds: a class absent from the truth would score Dice 1
+    when nothing is predicted, which flatters a method that misses everything (OARs are not in every
+    OpenKBP case)."""
+    return sorted(set(present_labels(truth.array)) & set(label_values))
+
+
+def mean_dice(predictor, task: TaskEmbedding, cases: list[tuple[Volume, Volume]]) -> float:
+    """Mean Dice over every (case, scored class) of `task` on (image, truth) pairs: one number to
+    rank settings or checkpoints by."""
+    scores = [s.dice for image, truth in cases
+              for s in score_labels(predictor.segment(image, task), truth, classes_to_score(truth, task.label_values)).values()]
+    return float(np.mean(scores))
 
 
 def evaluate(
@@ -86,9 +102,7 @@ def evaluate(
     share = 1 / max(1, len(heldout))
     for n, case_id in enumerate(heldout):
         image, truth = read_case(dataset.case(case_id))
-        # Classes the case's truth holds: a class absent from the truth would score Dice 1 when nothing is
-        # predicted, which flatters a method that misses everything (OARs are not in every OpenKBP case).
-        classes = sorted(set(present_labels(truth.array)) & set(tasks[0].label_values))
+        classes = classes_to_score(truth, tasks[0].label_values)
         predictions = {}
         for method, (task, prep_seconds) in plans.items():
             start = time.perf_counter()

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from ..evaluation.dataset import load_dataset, read_case
-from ..evaluation.evaluate import heldout_and_training, pick_references
-from ..evaluation.metrics import score_labels
+from ..evaluation.evaluate import heldout_and_training, mean_dice, pick_references
 from ..inference.predictor import IrisPredictor
 from ..model.weights import load_model
-from ..segments import present_labels
+from ..volume import Volume
+
+Case = tuple[Volume, Volume]  # (image, label map)
 
 
 def validation_cases(data: Path, count: int) -> tuple[str, list[str]]:
@@ -31,27 +32,17 @@ def validation_cases(data: Path, count: int) -> tuple[str, list[str]]:
     dataset = load_dataset(data)
     _, training = heldout_and_training(dataset)
     # evaluate uses up to 3 references and one tuning case; none of them validates.
-    reserved = set(pick_references(dataset, training, min(4, len(training))))
+    reserved = pick_references(dataset, training, min(4, len(training)))
     rest = [i for i in training if i not in reserved]
     if not rest:
         raise SystemExit(f"{dataset.name}: no training case is left for validation beside the references.")
-    return pick_references(dataset, training, 1)[0], rest[-count:]
+    return reserved[0], rest[-count:]
 
 
-def score_checkpoint(weights: Path, sets: dict[str, tuple[Path, str, list[str]]]) -> dict[str, float]:
-    """Mean one-shot Dice over classes and cases, per set."""
+def score_checkpoint(weights: Path, sets: dict[str, tuple[Case, list[Case]]]) -> dict[str, float]:
+    """Mean one-shot Dice over classes and cases, per set ((reference, validation cases) already read)."""
     predictor = IrisPredictor(load_model(weights, "cpu"))
-    scores = {}
-    for name, (folder, ref_id, case_ids) in sets.items():
-        dataset = load_dataset(folder)
-        task = predictor.encode_reference(*read_case(dataset.case(ref_id)))
-        dice = []
-        for case_id in case_ids:
-            image, truth = read_case(dataset.case(case_id))
-            classes = sorted(set(present_labels(truth.array)) & set(task.label_values))
-            dice += [s.dice for s in score_labels(predictor.segment(image, task), truth, classes).values()]
-        scores[name] = float(np.mean(dice))
-    return scores
+    return {name: mean_dice(predictor, predictor.encode_reference(*reference), cases) for name, (reference, cases) in sets.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = sorted(args.run.glob("iris_step*.safetensors"))[-args.last:]
     if not checkpoints:
         raise SystemExit(f"no iris_step*.safetensors in {args.run}")
-    sets = {}
+    chosen, sets = {}, {}
     for name in args.sets:
         ref_id, case_ids = validation_cases(args.data / name, args.cases)
-        sets[name] = (args.data / name, ref_id, case_ids)
+        dataset = load_dataset(args.data / name)
+        chosen[name] = (ref_id, case_ids)
+        sets[name] = (read_case(dataset.case(ref_id)), [read_case(dataset.case(i)) for i in case_ids])
         print(f"{name}: reference {ref_id}; validation cases {', '.join(case_ids)}")
     rows = []
     for weights in checkpoints:
@@ -83,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.run / "validation.md").write_text(
         "# One-shot validation Dice per checkpoint\n\nCases from the training part (see "
         "`IrisSegmentLib/training/select.py`):\n\n"
-        + "\n".join(f"- {n}: reference {r}; {', '.join(c)}" for n, (_, r, c) in sets.items())
+        + "\n".join(f"- {n}: reference {r}; {', '.join(c)}" for n, (r, c) in chosen.items())
         + "\n\n" + "\n".join(lines) + f"\n\nBest: {best['checkpoint']}\n"
     )
-    (args.run / "validation.json").write_text(json.dumps({"sets": {n: {"reference": r, "cases": c} for n, (_, r, c) in sets.items()},
+    (args.run / "validation.json").write_text(json.dumps({"sets": {n: {"reference": r, "cases": c} for n, (r, c) in chosen.items()},
                                                           "rows": rows, "best": best["checkpoint"]}, indent=1))
     print("\n".join(lines))
     print(f"best: {best['checkpoint']} (written to {args.run / 'validation.md'})")
