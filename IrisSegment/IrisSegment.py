@@ -299,9 +299,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.targetVolume, node.outputSegmentation, node.tuneSteps, node.allowModalityMismatch
             ),
             "tuneButton",
+            self._onTuned,
         )
 
-    def _cancelOrStart(self, startJob, buttonName: str) -> None:
+    def _cancelOrStart(self, startJob, buttonName: str, onDone=None) -> None:
         """The Segment and Tune buttons: Cancel while a job runs; otherwise start the job that
         startJob(sceneLogic, parameterNode) returns (the panel's model settings applied first)."""
         if self._job is not None:
@@ -311,7 +312,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if sceneLogic is None:
             return
         node = self._parameterNode
-        self._start(lambda: startJob(sceneLogic, node), buttonName, self._onSegmented)
+        self._start(lambda: startJob(sceneLogic, node), buttonName, onDone or self._onSegmented)
 
     def _readySceneLogic(self):
         """The logic with the panel's model settings applied; None when PyTorch is not available."""
@@ -369,6 +370,12 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = output  # the next run replaces it (Undo brings it back)
         slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
         self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
+
+    def _onTuned(self, output) -> None:
+        self._onSegmented(output)
+        untuned = self.logic.currentSceneLogic.untuned
+        if untuned:
+            self.ui.statusLabel.text += " " + _("Kept untuned, as tuning made them worse on the references: {names}.").format(names=", ".join(untuned))
 
     def _showDevice(self) -> None:
         sceneLogic = self.logic.currentSceneLogic

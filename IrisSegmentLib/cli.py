@@ -57,16 +57,27 @@ def _check_output(path: Path, inputs: list[Path], overwrite: bool, label_map: bo
 
 
 def _encode_references(predictor, references: list[list[str]], classes, modality):
+    """(task per reference, (image, labels) per reference): the volumes serve ensemble calibration."""
     from .io import read_image, read_label_map
 
-    tasks = []
+    tasks, volumes = [], []
     for image_path, labels_path in references:
+        volumes.append((read_image(image_path), read_label_map(labels_path)))
         bar = _progress_bar(f"encoding {Path(labels_path).name}")
         try:
-            tasks.append(predictor.encode_reference(read_image(image_path), read_label_map(labels_path), classes, modality, progress=bar))
+            tasks.append(predictor.encode_reference(*volumes[-1], classes, modality, progress=bar))
         finally:
             bar.close()
-    return tasks
+    return tasks, volumes
+
+
+def _ensemble(predictor, tasks, volumes):
+    """The context ensemble, its thresholds calibrated on the references when there are several."""
+    bar = _progress_bar("calibrating the ensemble")
+    try:
+        return predictor.calibrated_ensemble(tasks, volumes, progress=bar)
+    finally:
+        bar.close()
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
@@ -88,11 +99,11 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if strategy == "memory":
         task_or_pool = predictor.memory_bank_task(args.classes)
     else:
-        tasks = _encode_references(predictor, args.reference or [], args.classes, args.modality)
+        tasks, volumes = _encode_references(predictor, args.reference or [], args.classes, args.modality)
         tasks += [TaskEmbedding.load(p).select(args.classes) for p in args.task or []]
         if strategy == "one-shot" and len(tasks) > 1:
             raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
-        task_or_pool = tasks if strategy == "retrieval" else TaskEmbedding.ensemble(tasks)
+        task_or_pool = tasks if strategy == "retrieval" else _ensemble(predictor, tasks, volumes)
     bar = _progress_bar("segmenting")
     try:
         if strategy == "retrieval":
@@ -106,12 +117,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from .embeddings import TaskEmbedding
-
     output = Path(args.output)
     _check_output(output, [Path(p) for pair in args.reference for p in pair], args.overwrite)
     predictor = _predictor(args)
-    task = TaskEmbedding.ensemble(_encode_references(predictor, args.reference, args.classes, args.modality))
+    task = _ensemble(predictor, *_encode_references(predictor, args.reference, args.classes, args.modality))
     task.save(output)
     print(f"wrote {output}: {len(task.label_values)} classes ({', '.join(task.class_names)}) from {len(args.reference)} reference(s)")
 
@@ -121,18 +130,21 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from .io import read_image, read_label_map
 
     output = Path(args.output)
-    _check_output(output, [Path(args.task), Path(args.image), Path(args.labels)], args.overwrite)
+    _check_output(output, [Path(args.task), Path(args.image), Path(args.labels), *[Path(p) for pair in args.reference or [] for p in pair]], args.overwrite)
     task = TaskEmbedding.load(args.task)
     image, corrected = read_image(args.image), read_label_map(args.labels)
+    references = [(read_image(i), read_label_map(l)) for i, l in args.reference or []]
     predictor = _predictor(args)
     bar = _progress_bar("tuning")
     try:
-        tuned = predictor.tune(task, image, corrected, steps=args.steps, progress=bar)
+        tuned = predictor.tune(task, image, corrected, steps=args.steps, references=references, progress=bar)
     finally:
         bar.close()
     tuned.save(output)
     losses = predictor.tuning_losses
     print(f"wrote {output}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    if predictor.tuning_untuned:
+        print(f"kept untuned, as tuning made them segment the references worse: {', '.join(predictor.tuning_untuned)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -209,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--image", required=True, help="the scan that was corrected")
     tune.add_argument("--labels", required=True, help="its corrected label map")
     tune.add_argument("--output", required=True, help="tuned task file to write")
+    tune.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                      help="a scan the task was encoded from; a class that tuning makes segment it worse stays untuned (repeat for several)")
     tune.add_argument("--steps", type=int, default=30)
     tune.add_argument("--overwrite", action="store_true")
     model_options(tune)

@@ -1,8 +1,8 @@
 """Task embeddings: what a reference teaches the model, computed once and reused for any target.
 
 One embedding holds, per class, the (T, D) task tokens plus what a user needs to trust and reuse
-it: label values, segment names/colors/terminology, modality, working spacing, the model that
-made it and where it came from. Stored as safetensors (tensors + JSON metadata), never pickle.
+it: label values, segment names/colors/terminology, modality, working spacing, the probability
+threshold that makes a voxel the class, the model that made it and where it came from. Stored as safetensors (tensors + JSON metadata), never pickle.
 """
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def class_key(value: int, segment: dict) -> str:
     return class_terminology(segment.get("terminology")) or (segment.get("name") or "").strip().lower() or f"label {value}"
 
 
+def class_keys(label_values: list[int], segments: dict[int, dict]) -> list[str]:
+    """Per label value, the key that matches its class across references (see `class_key`); two
+    classes of one reference sharing a key are told apart by label value, so they are never merged."""
+    keys: list[str] = []
+    for v in label_values:
+        key = class_key(v, segments.get(v, {}))
+        keys.append(f"{key} (label {v})" if key in keys else key)
+    return keys
+
+
 @dataclass
 class TaskEmbedding:
     tokens: torch.Tensor                  # (K, T, D) float32
@@ -36,12 +46,17 @@ class TaskEmbedding:
     model_id: str
     sources: list[str] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)   # references averaged into each class
+    thresholds: list[float] = field(default_factory=list)  # per class; 0.5 unless calibrated on references
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.tokens.shape[0] != len(self.label_values):
             raise ValueError("tokens must be (classes, tokens, dim), one row per label value")
         if not self.counts:
             self.counts = [1] * len(self.label_values)
+        if not self.thresholds:
+            self.thresholds = [0.5] * len(self.label_values)
+        if len(self.thresholds) != len(self.label_values) or not all(0 < t < 1 for t in self.thresholds):
+            raise ValueError("thresholds must hold one probability in (0, 1) per label value")
 
     @property
     def class_names(self) -> list[str]:
@@ -58,12 +73,17 @@ class TaskEmbedding:
                 raise InputError(f"the task has no class {c!r}; it has: {', '.join(f'{v} ({n})' for v, n in zip(self.label_values, self.class_names))}.")
             rows.append(matches[0])
         values = [self.label_values[i] for i in rows]
-        return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments}, counts=[self.counts[i] for i in rows])
+        return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments},
+                       counts=[self.counts[i] for i in rows], thresholds=[self.thresholds[i] for i in rows])
+
+    def class_keys(self) -> list[str]:
+        return class_keys(self.label_values, self.segments)
 
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
         """Context ensemble: per class, the mean of the embeddings of every reference holding it
-        (weighted by how many references each already averages)."""
+        (weighted by how many references each already averages); thresholds are averaged the same
+        way. `IrisPredictor.calibrated_ensemble` also fits the thresholds to the references."""
         if not tasks:
             raise InputError("no references to combine: add at least one reference.")
         first = tasks[0]
@@ -75,22 +95,18 @@ class TaskEmbedding:
         order: list[str] = []
         found: dict[str, list[tuple[TaskEmbedding, int]]] = {}
         for t in tasks:
-            seen: set[str] = set()
-            for row, v in enumerate(t.label_values):
-                key = class_key(v, t.segments.get(v, {}))
-                if key in seen:  # two classes of one reference are never merged
-                    key = f"{key} (label {v})"
-                seen.add(key)
+            for row, key in enumerate(t.class_keys()):
                 if key not in found:
                     order.append(key)
                     found[key] = []
                 found[key].append((t, row))
-        tokens, values, segments, counts = [], [], {}, []
+        tokens, values, segments, counts, thresholds = [], [], {}, [], []
         for key in order:
             members = found[key]
             weights = torch.tensor([float(t.counts[r]) for t, r in members])
             stacked = torch.stack([t.tokens[r] for t, r in members])
             tokens.append((stacked * weights[:, None, None]).sum(0) / weights.sum())
+            thresholds.append(float((torch.tensor([t.thresholds[r] for t, r in members]) * weights).sum() / weights.sum()))
             owner, row = members[0]
             value = owner.label_values[row]
             if value in values:
@@ -100,7 +116,7 @@ class TaskEmbedding:
             counts.append(int(weights.sum()))
         spacing = float(torch.tensor([t.spacing for t in tasks]).median())
         sources = [s for t in tasks for s in t.sources]
-        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts)
+        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds)
 
     def save(self, path: str | Path) -> None:
         meta = {
@@ -113,6 +129,7 @@ class TaskEmbedding:
             "model_id": self.model_id,
             "sources": json.dumps(self.sources),
             "counts": json.dumps(self.counts),
+            "thresholds": json.dumps(self.thresholds),
         }
         save_tensors(path, {"tokens": self.tokens.float()}, meta)
 
@@ -128,6 +145,7 @@ class TaskEmbedding:
             task = cls(
                 tensors["tokens"].float(), [int(v) for v in json.loads(meta["label_values"])], segments, meta["modality"],
                 float(meta["spacing"]), meta["model_id"], list(json.loads(meta["sources"])), [int(c) for c in json.loads(meta["counts"])],
+                [float(t) for t in json.loads(meta.get("thresholds", "[]"))],  # files written before calibration: 0.5
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None

@@ -107,6 +107,33 @@ def test_tuning_changes_only_the_task_embedding_and_fits_the_correction(predicto
     assert dice(after.array, corrected.array, 2) > dice(before.array, corrected.array, 2) + 0.05
 
 
+def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predictor, monkeypatch):
+    """The network is replaced, for the reference check only, by maps that follow the truth while a
+    class keeps its untuned embedding; a tuned posterior embedding segments nothing (a collapse), a tuned
+    anterior one still segments it. Only the posterior class must be reverted."""
+    reference, corrected = case("001"), case("003")
+    task = predictor.encode_reference(*reference)
+    original = dict(zip(task.class_names, task.tokens))
+    real_probabilities = predictor.probabilities
+
+    def probabilities(image, t, progress=None, cancel=None, allow_modality_mismatch=False):
+        if image is not reference[0]:
+            return real_probabilities(image, t, progress, cancel, allow_modality_mismatch)
+        _, grid = predictor._working_target(image, t.modality, t.spacing)
+        truth = predictor._truth_on_grid(reference[1], grid, t.label_values)
+        collapsed = [name == CLASS_NAMES[2] and not torch.equal(row, original[name]) for name, row in zip(t.class_names, t.tokens)]
+        return torch.stack([torch.zeros_like(m) if c else 0.9 * m for m, c in zip(truth, collapsed)]), grid
+
+    monkeypatch.setattr(predictor, "probabilities", probabilities)
+    tuned = predictor.tune(task, *corrected, steps=3, references=[reference])
+    assert predictor.tuning_untuned == [CLASS_NAMES[2]]
+    assert torch.equal(tuned.tokens[1], task.tokens[1]) and not torch.equal(tuned.tokens[0], task.tokens[0])
+    assert "untuned: " + CLASS_NAMES[2] in tuned.sources[-1]
+
+    unchecked = predictor.tune(task, *corrected, steps=3)
+    assert predictor.tuning_untuned == [] and not torch.equal(unchecked.tokens[1], task.tokens[1])
+
+
 # ---------------------------------------------------------------- task files
 def test_saved_and_reloaded_embeddings_give_identical_output(predictor, tmp_path):
     task = TaskEmbedding.ensemble([predictor.encode_reference(*case("001")), predictor.encode_reference(*case("004"))])

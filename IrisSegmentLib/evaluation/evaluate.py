@@ -6,7 +6,8 @@ seeded 25% split) with each requested strategy and, on the same cases, with affi
 registration of the first reference. Writes per-case/per-class CSV, a markdown summary, a Dice bar
 plot and a few slice overlays.
 
-Strategies: one-shot (first reference), ensemble (all K), retrieval (pool of K, top-1 per class),
+Strategies: one-shot (first reference), ensemble (all K, thresholds calibrated leave-one-out on
+them), retrieval (pool of K, top-1 per class),
 tune (one-shot embeddings tuned on one more training case whose labels stand in for a clinician's
 correction; never on a held-out case). A model's seconds per case are its segmentation time plus
 its one-time work (encoding the references, tuning) shared out over the evaluated cases, as when
@@ -89,13 +90,18 @@ def evaluate(
     if "one-shot" in strategies:
         plans["one-shot"] = (tasks[0], encode_seconds[0])
     if "ensemble" in strategies:
-        plans[f"ensemble-{references}"] = (TaskEmbedding.ensemble(tasks), sum(encode_seconds))
+        start = time.perf_counter()
+        ensemble = predictor.calibrated_ensemble(tasks, refs)
+        plans[f"ensemble-{references}"] = (ensemble, sum(encode_seconds) + time.perf_counter() - start)
+        print(f"  ensemble thresholds (calibrated on the references): {dict(zip(ensemble.class_names, ensemble.thresholds))}")
     if "retrieval" in strategies:
         plans[f"retrieval-{references}"] = (tasks, sum(encode_seconds))
     if "tune" in strategies:
         image, labels = read_case(dataset.case(tune_id))
         start = time.perf_counter()
-        tuned = predictor.tune(tasks[0], image, labels, steps=tune_steps)
+        tuned = predictor.tune(tasks[0], image, labels, steps=tune_steps, references=refs[:1])
+        if predictor.tuning_untuned:
+            print(f"  kept untuned (they collapsed on the reference): {', '.join(predictor.tuning_untuned)}")
         plans["one-shot+tune"] = (tuned, encode_seconds[0] + time.perf_counter() - start)
     rows: list[ResultRow] = []
     output.mkdir(parents=True, exist_ok=True)

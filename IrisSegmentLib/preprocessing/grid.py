@@ -7,6 +7,7 @@ target's original grid is the same function with the roles swapped.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,18 +118,21 @@ def resample(
 
 
 def labels_on_grid(
-    probabilities: torch.Tensor, source_affine: np.ndarray, grid: Grid, label_values: list[int], threshold: float = 0.5, slab: int = 8
+    probabilities: torch.Tensor, source_affine: np.ndarray, grid: Grid, label_values: list[int],
+    threshold: float | Sequence[float] = 0.5, slab: int = 8,
 ) -> np.ndarray:
     """Per-class probabilities (K, ...) on a working grid -> label map on `grid` (the target's own).
 
     Probabilities are interpolated linearly, a slab of rows at a time so memory stays bounded on
-    large targets; a voxel takes the most probable class where that exceeds `threshold`.
+    large targets; a voxel takes the most probable of the classes whose probability exceeds their
+    threshold (one for all classes, or one per class).
     """
     values = torch.tensor([0, *label_values], dtype=torch.int64, device=probabilities.device)
+    thresholds = torch.as_tensor(threshold, dtype=probabilities.dtype, device=probabilities.device).reshape(-1, 1, 1, 1)
     out = np.zeros(grid.shape, dtype=np.int64)
     for start in range(0, grid.shape[0], slab):
         stop = min(grid.shape[0], start + slab)
         probs = resample(probabilities, source_affine, grid.rows(start, stop))
-        best, index = probs.max(0)
-        out[start:stop] = torch.where(best > threshold, values[index + 1], values[0]).cpu().numpy()
+        best, index = torch.where(probs > thresholds, probs, torch.zeros_like(probs)).max(0)
+        out[start:stop] = torch.where(best > 0, values[index + 1], values[0]).cpu().numpy()
     return out

@@ -43,6 +43,7 @@ class _UndoState:
     content: object  # vtkSegmentation copy
     task: TaskEmbedding | None
     task_key: tuple | None
+    task_references: list[Reference]
 
 
 class _ClassValues:
@@ -114,6 +115,8 @@ class IrisSceneLogic:
         self._settings = (str(weights) if weights else None, device)
         self.task: TaskEmbedding | None = None  # behind the last result: what Tune tunes and Save task saves
         self._task_key: tuple | None = None  # the sources and strategy it came from
+        self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
+        self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
         self._job: Job | None = None
@@ -127,7 +130,7 @@ class IrisSceneLogic:
             self._settings = settings
             self.predictor = None
             self._encoded.clear()
-            self.task, self._task_key = None, None
+            self.task, self._task_key, self._task_references = None, None, []
 
     @property
     def device_description(self) -> str:
@@ -214,15 +217,19 @@ class IrisSceneLogic:
             if strategy == "retrieval":
                 task = predictor.retrieve(image, tasks, progress=_scaled(progress, 0.3, 0.65), cancel=cancel, allow_modality_mismatch=allow_modality_mismatch)
                 segment_progress = _scaled(progress, 0.65, 1.0)
+            elif strategy == "ensemble":
+                volumes = [(reference_image, labels) for reference_image, labels, _ in pairs]
+                task = predictor.calibrated_ensemble(tasks, volumes, _scaled(progress, 0.3, 0.5), cancel)
+                segment_progress = _scaled(progress, 0.5, 1.0)
             else:
-                task = tasks[0] if strategy == "one-shot" else TaskEmbedding.ensemble(tasks)
+                task = tasks[0]
             return predictor.segment(image, task, segment_progress, cancel, allow_modality_mismatch), task, encoded
 
         def finish(value: tuple[Volume, TaskEmbedding, dict[str, TaskEmbedding]]):
             result, task, encoded = value
             self._encoded.update(encoded)
             node = self._write(result, target, output)
-            self.task, self._task_key = task, key
+            self.task, self._task_key, self._task_references = task, key, references
             return node
 
         return self._submit("Segmenting", work, finish)
@@ -241,19 +248,36 @@ class IrisSceneLogic:
         task = self.task
         values = {class_key(v, task.segments.get(v, {})): v for v in task.label_values}
         corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(class_key(0, s)), allow_empty=True)
+        references = self._reference_volumes(self._task_references, _ClassValues([task]))
 
-        def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume]:
+        def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume, list[str]]:
             predictor = self._predictor(progress)
-            tuned = predictor.tune(task, image, corrected, steps=steps, progress=_scaled(progress, 0.0, 0.8), cancel=cancel)
-            return tuned, predictor.segment(image, tuned, _scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch)
+            tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=_scaled(progress, 0.0, 0.8), cancel=cancel)
+            return tuned, predictor.segment(image, tuned, _scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch), list(predictor.tuning_untuned)
 
-        def finish(value: tuple[TaskEmbedding, Volume]):
-            tuned, result = value
+        def finish(value: tuple[TaskEmbedding, Volume, list[str]]):
+            tuned, result, untuned = value
             node = self._write(result, target, output)
-            self.task = tuned
+            self.task, self.untuned = tuned, untuned
             return node
 
         return self._submit("Tuning", work, finish)
+
+    @staticmethod
+    def _reference_volumes(references: list[Reference], value_of) -> list[tuple[Volume, Volume]]:
+        """(image, labels) of the references still in the scene and still segmented; Tune checks its
+        tuned classes on them, and works without the ones that are gone."""
+        volumes = []
+        for number, reference in enumerate(references, start=1):
+            if reference.volume.GetScene() is None or reference.segmentation.GetScene() is None:
+                continue
+            try:
+                image = scene_bridge.volume_from_node(reference.volume, f"reference {number}")
+                labels = scene_bridge.labels_from_segmentation(reference.segmentation, reference.volume, image, reference.segment_ids, value_of, allow_empty=False)
+            except InputError:
+                continue
+            volumes.append((image, labels))
+        return volumes
 
     def undo(self):
         """Restore the segmentation (and task) as they were before the last Segment or Tune into an existing node."""
@@ -265,7 +289,7 @@ class IrisSceneLogic:
             self._undo.clear()
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
         scene_bridge.restore(state.node, state.content)
-        self.task, self._task_key = state.task, state.task_key
+        self.task, self._task_key, self._task_references = state.task, state.task_key, state.task_references
         return state.node
 
     # ------------------------------------------------------------------ task files
@@ -340,7 +364,7 @@ class IrisSceneLogic:
                 scene_bridge.remove_node(node)
                 raise
             return node
-        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key)
+        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references)
         try:
             scene_bridge.write_segments(result, output, target)
         except BaseException:
