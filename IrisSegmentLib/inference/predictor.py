@@ -27,8 +27,8 @@ from .calibration import choose_thresholds, dice_by_threshold
 from .retrieval import ReferencePool
 
 Progress = Callable[[float, str], None] | None
-COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
 Cancel = Callable[[], bool] | None
+COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:
@@ -325,19 +325,20 @@ class IrisPredictor:
         return replace(tuned, sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps{note})"])
 
     def _dice_on(self, task: TaskEmbedding, references: list[tuple[Volume, Volume]], cancel: Cancel = None) -> dict[int, float]:
-        """Per task row, the mean Dice (at the task's thresholds, on the working grid) over the
-        labelled scans that hold the class."""
+        """Per task row, the mean Dice over the labelled scans that hold the class, of the label map
+        `segment` would make (classes compete for a voxel), taken on the working grid."""
         scores: dict[int, list[float]] = {}
         for image, labels in references:
             _check_cancel(cancel)
             rows = self._classes_in(task, labels)
             if not rows:
                 continue
-            probabilities, grid = self.probabilities(image, task.select([task.label_values[r] for r, _ in rows]))
+            probabilities, grid = self.probabilities(image, task)
+            predicted = torch.from_numpy(labels_on_grid(probabilities, grid.affine, grid, task.label_values, task.thresholds)).to(self.device)
             truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool()
             for n, (row, _) in enumerate(rows):
-                predicted = probabilities[n] > task.thresholds[row]
-                scores.setdefault(row, []).append(2 * float((predicted & truth[n]).sum()) / max(1.0, float(predicted.sum() + truth[n].sum())))
+                mask = predicted == task.label_values[row]
+                scores.setdefault(row, []).append(2 * float((mask & truth[n]).sum()) / max(1.0, float(mask.sum() + truth[n].sum())))
         return {row: float(np.mean(values)) for row, values in scores.items()}
 
     # ------------------------------------------------------------------ retrieval and memory bank
