@@ -145,7 +145,7 @@ def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
     ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
     tuned_path = tmp_path / "tuned.safetensors"
     out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--steps", 3,
-             "--output", tuned_path, "--weights", weights_file)
+             "--reference", files["image1"], files["labels1"], "--output", tuned_path, "--weights", weights_file)
     assert "over 3 steps" in out
     task, tuned = TaskEmbedding.load(task_path), TaskEmbedding.load(tuned_path)
     assert tuned.label_values == task.label_values and tuned.class_names == task.class_names and tuned.model_id == task.model_id
