@@ -2,7 +2,8 @@
 
 One embedding holds, per class, the (T, D) task tokens plus what a user needs to trust and reuse
 it: label values, segment names/colors/terminology, modality, working spacing, the probability
-threshold that makes a voxel the class, the model that made it and where it came from. Stored as safetensors (tensors + JSON metadata), never pickle.
+threshold that makes a voxel the class, the model that made it and where it came from. Stored as
+safetensors (tensors + JSON metadata), never pickle.
 """
 from __future__ import annotations
 
