@@ -73,6 +73,8 @@ def _encode_references(predictor, references: list[list[str]], classes, modality
 
 def _ensemble(predictor, tasks, volumes):
     """The context ensemble, its thresholds calibrated on the references when there are several."""
+    if len(tasks) < 2:
+        return predictor.calibrated_ensemble(tasks, volumes)
     bar = _progress_bar("calibrating the ensemble")
     try:
         return predictor.calibrated_ensemble(tasks, volumes, progress=bar)
