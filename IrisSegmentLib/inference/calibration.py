@@ -17,17 +17,21 @@ DEFAULT = 0.5
 MIN_GAIN = 0.01  # mean Dice a threshold must add over 0.5 on the references to be chosen
 
 
+def mask_dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks on one grid; 0 when both are empty (no evidence either way). Plain
+    torch, as evaluation.metrics (MONAI) is not available inside Slicer."""
+    return 2 * int((predicted & truth).sum()) / max(1, int(predicted.sum()) + int(truth.sum()))
+
+
 def dice_by_threshold(probabilities: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """probabilities, truth (K, *grid) -> Dice (K, len(CANDIDATES)) of `probabilities > t` per class;
     NaN for a class the truth does not hold (nothing to learn from it)."""
     curves = torch.full((len(truth), len(CANDIDATES)), float("nan"))
     for k, (p, t) in enumerate(zip(probabilities, truth.bool())):
-        size = int(t.sum())
-        if size == 0:
+        if not t.any():
             continue
         for j, threshold in enumerate(CANDIDATES):
-            predicted = p > threshold
-            curves[k, j] = 2 * int((predicted & t).sum()) / (int(predicted.sum()) + size)
+            curves[k, j] = mask_dice(p > threshold, t)
     return curves
 
 

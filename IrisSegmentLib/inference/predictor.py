@@ -23,7 +23,7 @@ from ..preprocessing.intensity import foreground_box, normalize, resolve_modalit
 from ..preprocessing.windows import gaussian_weight, windows
 from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
-from .calibration import choose_thresholds, dice_by_threshold
+from .calibration import choose_thresholds, dice_by_threshold, mask_dice
 from .retrieval import ReferencePool
 
 Progress = Callable[[float, str], None] | None
@@ -338,8 +338,7 @@ class IrisPredictor:
             predicted = torch.from_numpy(labels_on_grid(probabilities, grid.affine, grid, task.label_values, task.thresholds)).to(self.device)
             truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool()
             for n, (row, _) in enumerate(rows):
-                mask = predicted == task.label_values[row]
-                scores.setdefault(row, []).append(2 * float((mask & truth[n]).sum()) / max(1.0, float(mask.sum() + truth[n].sum())))
+                scores.setdefault(row, []).append(mask_dice(predicted == task.label_values[row], truth[n]))
         return {row: float(np.mean(values)) for row, values in scores.items()}
 
     # ------------------------------------------------------------------ retrieval and memory bank
