@@ -370,6 +370,9 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = output  # the next run replaces it (Undo brings it back)
         slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
         self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
+        task = self.logic.currentSceneLogic.task
+        if task is not None and task.calibration_note():
+            self.ui.statusLabel.text += " " + _("Calibrated on the references: {note}.").format(note=task.calibration_note())
 
     def _onTuned(self, output) -> None:
         self._onSegmented(output)

@@ -72,14 +72,16 @@ def _encode_references(predictor, references: list[list[str]], classes, modality
 
 
 def _ensemble(predictor, tasks, volumes):
-    """The context ensemble, its thresholds calibrated on the references when there are several."""
+    """The context ensemble, its thresholds and island removal calibrated on the references when there are several."""
     if len(tasks) < 2:
         return predictor.calibrated_ensemble(tasks, volumes)
     bar = _progress_bar("calibrating the ensemble")
     try:
-        return predictor.calibrated_ensemble(tasks, volumes, progress=bar)
+        task = predictor.calibrated_ensemble(tasks, volumes, progress=bar)
     finally:
         bar.close()
+    print(f"calibrated on the references: {task.calibration_note() or 'threshold 0.5 and every piece kept for all classes'}")
+    return task
 
 
 def cmd_segment(args: argparse.Namespace) -> None:

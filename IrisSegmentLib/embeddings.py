@@ -2,7 +2,8 @@
 
 One embedding holds, per class, the (T, D) task tokens plus what a user needs to trust and reuse
 it: label values, segment names/colors/terminology, modality, working spacing, the probability
-threshold that makes a voxel the class, the model that made it and where it came from. Stored as
+threshold that makes a voxel the class, whether the class keeps only its largest connected piece,
+the model that made it and where it came from. Stored as
 safetensors (tensors + JSON metadata), never pickle.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class TaskEmbedding:
     sources: list[str] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)   # references averaged into each class
     thresholds: list[float] = field(default_factory=list)  # per class; 0.5 unless calibrated on references
+    keep_largest: list[bool] = field(default_factory=list)  # per class; False (keep every piece) unless calibrated
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.tokens.shape[0] != len(self.label_values):
@@ -58,6 +60,10 @@ class TaskEmbedding:
             self.thresholds = [0.5] * len(self.label_values)
         if len(self.thresholds) != len(self.label_values) or not all(0 < t < 1 for t in self.thresholds):
             raise ValueError("thresholds must hold one probability in (0, 1) per label value")
+        if not self.keep_largest:
+            self.keep_largest = [False] * len(self.label_values)
+        if len(self.keep_largest) != len(self.label_values) or not all(isinstance(f, bool) for f in self.keep_largest):
+            raise ValueError("keep_largest must hold one true/false flag per label value")
 
     @property
     def class_names(self) -> list[str]:
@@ -75,16 +81,26 @@ class TaskEmbedding:
             rows.append(matches[0])
         values = [self.label_values[i] for i in rows]
         return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments},
-                       counts=[self.counts[i] for i in rows], thresholds=[self.thresholds[i] for i in rows])
+                       counts=[self.counts[i] for i in rows], thresholds=[self.thresholds[i] for i in rows],
+                       keep_largest=[self.keep_largest[i] for i in rows])
 
     def class_keys(self) -> list[str]:
         return class_keys(self.label_values, self.segments)
+
+    def calibration_note(self) -> str:
+        """What calibration on the references changed, in words ('' when nothing did): a user can
+        see why two tasks from the same references segment differently."""
+        moved = [f"{name} {t:.2f}" for name, t in zip(self.class_names, self.thresholds) if t != 0.5]
+        largest = [name for name, flag in zip(self.class_names, self.keep_largest) if flag]
+        parts = ([f"thresholds {', '.join(moved)} (others 0.5)"] if moved else []) + ([f"largest piece only: {', '.join(largest)}"] if largest else [])
+        return "; ".join(parts)
 
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
         """Context ensemble: per class, the mean of the embeddings of every reference holding it
         (weighted by how many references each already averages); thresholds are averaged the same
-        way. `IrisPredictor.calibrated_ensemble` also fits the thresholds to the references."""
+        way and a class keeps only its largest piece if most references say so.
+        `IrisPredictor.calibrated_ensemble` also fits both to the references."""
         if not tasks:
             raise InputError("no references to combine: add at least one reference.")
         first = tasks[0]
@@ -101,13 +117,14 @@ class TaskEmbedding:
                     order.append(key)
                     found[key] = []
                 found[key].append((t, row))
-        tokens, values, segments, counts, thresholds = [], [], {}, [], []
+        tokens, values, segments, counts, thresholds, keep_largest = [], [], {}, [], [], []
         for key in order:
             members = found[key]
             weights = torch.tensor([float(t.counts[r]) for t, r in members])
             stacked = torch.stack([t.tokens[r] for t, r in members])
             tokens.append((stacked * weights[:, None, None]).sum(0) / weights.sum())
             thresholds.append(float((torch.tensor([t.thresholds[r] for t, r in members]) * weights).sum() / weights.sum()))
+            keep_largest.append(bool((torch.tensor([float(t.keep_largest[r]) for t, r in members]) * weights).sum() > weights.sum() / 2))
             owner, row = members[0]
             value = owner.label_values[row]
             if value in values:
@@ -117,7 +134,7 @@ class TaskEmbedding:
             counts.append(int(weights.sum()))
         spacing = float(torch.tensor([t.spacing for t in tasks]).median())
         sources = [s for t in tasks for s in t.sources]
-        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds)
+        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds, keep_largest)
 
     def save(self, path: str | Path) -> None:
         meta = {
@@ -131,6 +148,7 @@ class TaskEmbedding:
             "sources": json.dumps(self.sources),
             "counts": json.dumps(self.counts),
             "thresholds": json.dumps(self.thresholds),
+            "keep_largest": json.dumps(self.keep_largest),
         }
         save_tensors(path, {"tokens": self.tokens.float()}, meta)
 
@@ -147,6 +165,7 @@ class TaskEmbedding:
                 tensors["tokens"].float(), [int(v) for v in json.loads(meta["label_values"])], segments, meta["modality"],
                 float(meta["spacing"]), meta["model_id"], list(json.loads(meta["sources"])), [int(c) for c in json.loads(meta["counts"])],
                 [float(t) for t in json.loads(meta.get("thresholds", "[]"))],  # files written before calibration: 0.5
+                list(json.loads(meta.get("keep_largest", "[]"))),  # files written before island removal: keep every piece
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None

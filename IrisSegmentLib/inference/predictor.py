@@ -23,7 +23,8 @@ from ..preprocessing.intensity import foreground_box, normalize, resolve_modalit
 from ..preprocessing.windows import gaussian_weight, windows
 from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
-from .calibration import choose_thresholds, dice_by_threshold, mask_dice
+from .calibration import choose_keep_largest, choose_thresholds, dice_by_threshold, island_gains, mask_dice
+from .islands import drop_islands
 from .retrieval import ReferencePool
 
 Progress = Callable[[float, str], None] | None
@@ -143,6 +144,7 @@ class IrisPredictor:
         """Every class of the task on the target, in one decoder pass per window; result on the target's grid."""
         probabilities, grid = self.probabilities(target, task, progress, cancel, allow_modality_mismatch)
         _report(progress, 0.95, "mapping the result back to the target grid")
+        probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
         labels = labels_on_grid(probabilities, grid.affine, Grid(target.shape, target.affine), task.label_values, task.thresholds)
         _check_cancel(cancel)
         _report(progress, 1.0, "done")
@@ -214,17 +216,18 @@ class IrisPredictor:
     def calibrated_ensemble(
         self, tasks: list[TaskEmbedding], references: list[tuple[Volume, Volume]], progress: Progress = None, cancel: Cancel = None,
     ) -> TaskEmbedding:
-        """Context ensemble of `tasks` with per-class thresholds fitted leave-one-out: each reference
-        is segmented with the ensemble of the other tasks and scored against its own labels
-        (inference/calibration.py). references[i] is the (image, labels) tasks[i] was encoded from;
-        tasks beyond them (loaded task files) only take part in the ensembles."""
+        """Context ensemble of `tasks` with per-class thresholds and island removal fitted
+        leave-one-out: each reference is segmented with the ensemble of the other tasks and scored
+        against its own labels (inference/calibration.py); islands are judged at the chosen
+        thresholds. references[i] is the (image, labels) tasks[i] was encoded from; tasks beyond
+        them (loaded task files) only take part in the ensembles."""
         if len(references) > len(tasks):
             raise ValueError("every reference needs the task encoded from it")
         ensemble = TaskEmbedding.ensemble(tasks)
         if len(tasks) < 2:
             return ensemble
         row_of = {key: row for row, key in enumerate(ensemble.class_keys())}
-        curves = []
+        curves, seen = [], []  # seen: (probabilities, truth, ensemble rows) per held-out reference
         for i, (image, labels) in enumerate(references):
             _check_cancel(cancel)
             _report(progress, i / len(references), f"calibrating on reference {i + 1} of {len(references)}")
@@ -233,16 +236,24 @@ class IrisPredictor:
             if not held_out:
                 continue
             probabilities, grid = self.probabilities(image, replace(others.select([others.label_values[r] for r, _ in held_out]), spacing=ensemble.spacing))
-            found = dice_by_threshold(probabilities.cpu(), self._truth_on_grid(labels, grid, [v for _, v in held_out]).cpu())
-            curve = torch.full((len(ensemble.label_values), found.shape[1]), float("nan"))
+            truth = self._truth_on_grid(labels, grid, [v for _, v in held_out]).cpu()
+            found = dice_by_threshold(probabilities.cpu(), truth)
             keys = others.class_keys()
-            for n, (r, _) in enumerate(held_out):
-                curve[row_of[keys[r]]] = found[n]
+            rows = [row_of[keys[r]] for r, _ in held_out]
+            curve = torch.full((len(ensemble.label_values), found.shape[1]), float("nan"))
+            curve[rows] = found
             curves.append(curve)
-        _report(progress, 1.0, "thresholds calibrated")
+            seen.append((probabilities.cpu(), truth, rows))
+        _report(progress, 1.0, "ensemble calibrated")
         if not curves:
             return ensemble
-        return replace(ensemble, thresholds=choose_thresholds(curves, ensemble.thresholds))
+        thresholds = choose_thresholds(curves, ensemble.thresholds)
+        gains = []
+        for probabilities, truth, rows in seen:
+            gain = torch.full((len(ensemble.label_values),), float("nan"))
+            gain[rows] = island_gains(probabilities, truth, [thresholds[r] for r in rows])
+            gains.append(gain)
+        return replace(ensemble, thresholds=thresholds, keep_largest=choose_keep_largest(gains, ensemble.keep_largest))
 
     # ------------------------------------------------------------------ tuning
     def tune(
@@ -335,6 +346,7 @@ class IrisPredictor:
             if not rows:
                 continue
             probabilities, grid = self.probabilities(image, task)
+            probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
             predicted = torch.from_numpy(labels_on_grid(probabilities, grid.affine, grid, task.label_values, task.thresholds)).to(self.device)
             truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool()
             for n, (row, _) in enumerate(rows):

@@ -6,6 +6,8 @@ HNSW index when hnswlib is installed (it is optional: inside Slicer the exact sc
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +54,7 @@ class ReferencePool:
         tokens = self._ensemble.tokens.clone()
         for key, tok in chosen_rows:
             tokens[keys[key]] = tok
-        return TaskEmbedding(tokens, list(self._ensemble.label_values), dict(self._ensemble.segments), self.modality,
-                             self._ensemble.spacing, self._ensemble.model_id, [*self._ensemble.sources, "retrieval"], list(self._ensemble.counts))
+        return replace(self._ensemble, tokens=tokens, sources=[*self._ensemble.sources, "retrieval"])
 
     def _search(self, key: str, vector: torch.Tensor, k: int) -> list[int]:
         vectors = self._vectors[key]

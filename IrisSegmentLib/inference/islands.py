@@ -1,0 +1,43 @@
+"""Stray islands: a class that is one object keeps only its largest connected piece.
+
+The network sometimes fires on look-alike tissue far from the structure (a second left kidney
+beside the spleen on CHAOS MRI); one such island can dominate a class's 95% Hausdorff distance
+(Abdomen_MRI, step 3,750: 76 mm mean HD95 with islands, 18 mm without). Whether a class is one
+object is not assumed, since lesions or bilateral structures labelled as one class are not: a context
+ensemble decides it per class on its own references (calibration.choose_keep_largest), as it
+decides thresholds. scipy ships with 3D Slicer.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+_TOUCHING = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: pieces touching at a corner are one piece
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest connected piece of a boolean mask (the mask itself when it has at most one)."""
+    pieces, count = ndimage.label(mask, structure=_TOUCHING)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return pieces == sizes.argmax()
+
+
+def drop_islands(probabilities: torch.Tensor, thresholds: Sequence[float], keep_largest: Sequence[bool]) -> torch.Tensor:
+    """Per-class probabilities (K, *grid) with every above-threshold voxel outside the largest piece
+    of a flagged class set to 0; voxels below the threshold are left as they are, so the kept piece's
+    border interpolates as before."""
+    if not any(keep_largest):
+        return probabilities
+    out = probabilities.clone()
+    for k, (threshold, flag) in enumerate(zip(thresholds, keep_largest)):
+        if flag:
+            mask = probabilities[k] > threshold
+            kept = torch.from_numpy(largest_piece(mask.cpu().numpy())).to(out.device)
+            out[k][mask & ~kept] = 0
+    return out
