@@ -372,7 +372,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
         task = self.logic.currentSceneLogic.task
         if task is not None and task.calibration_note():
-            self.ui.statusLabel.text += " " + _("Calibrated on the references: {note}.").format(note=task.calibration_note())
+            self.ui.statusLabel.text += " " + _("Class settings: {note}.").format(note=task.calibration_note())
 
     def _onTuned(self, output) -> None:
         self._onSegmented(output)

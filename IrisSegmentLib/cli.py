@@ -80,7 +80,8 @@ def _ensemble(predictor, tasks, volumes):
         task = predictor.calibrated_ensemble(tasks, volumes, progress=bar)
     finally:
         bar.close()
-    print(f"calibrated on the references: {task.calibration_note() or 'threshold 0.5 and every piece kept for all classes'}")
+    if volumes:
+        print(f"calibrated on the references: {task.calibration_note() or 'threshold 0.5 and every piece kept for all classes'}")
     return task
 
 

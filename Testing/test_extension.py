@@ -5,14 +5,20 @@ a module the panel imports but the list misses works here and fails in an instal
 """
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "IrisSegmentLib"
-# What IrisSegment/IrisSegment.py imports from the engine.
-PANEL_IMPORTS = ("IrisSegmentLib.slicer_logic", "IrisSegmentLib.inference.predictor", "IrisSegmentLib.model.weights", "IrisSegmentLib.model.config")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "IrisSegmentLib"
+
+
+def panel_imports() -> list[str]:
+    """The engine modules IrisSegment/IrisSegment.py imports (lazily, inside its functions)."""
+    tree = ast.parse((ROOT / "IrisSegment" / "IrisSegment.py").read_text())
+    return sorted({node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("IrisSegmentLib")})
 
 
 def listed_scripts() -> set[str]:
@@ -22,7 +28,7 @@ def listed_scripts() -> set[str]:
 
 def test_every_engine_module_the_panel_imports_is_installed():
     loaded = subprocess.run(
-        [sys.executable, "-c", f"import sys\nfor m in {PANEL_IMPORTS!r}: __import__(m)\n"
+        [sys.executable, "-c", f"import sys\nfor m in {panel_imports()!r}: __import__(m)\n"
          "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'IrisSegmentLib'))"],
         capture_output=True, text=True, check=True,
     ).stdout.split()

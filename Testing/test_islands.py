@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine_fixtures import case, dice, model, predictor  # noqa: F401
+from engine_fixtures import CLASS_NAMES, case, dice, model, predictor  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
 from IrisSegmentLib.inference.calibration import MIN_GAIN, choose_keep_largest, island_gains
 from IrisSegmentLib.inference.islands import drop_islands
+from IrisSegmentLib.inference.retrieval import ReferencePool
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
 from IrisSegmentLib.volume import Volume
 
@@ -53,7 +54,7 @@ def test_a_class_keeps_its_largest_piece_only_when_every_reference_agrees():
 @pytest.fixture
 def probabilities_with_an_island(predictor, monkeypatch):
     """predictor.probabilities replaced by each image's true labels (0.9 inside, 0 outside) plus a
-    false island of the anterior hippocampus in a corner of the working grid."""
+    false island of the posterior hippocampus near a corner of the working grid."""
     truths: dict[int, Volume] = {}
 
     def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False):
@@ -64,7 +65,7 @@ def probabilities_with_an_island(predictor, monkeypatch):
         assert not truth[(slice(None), *AROUND_ISLAND)].any()
         probabilities = 0.9 * truth
         for k, name in enumerate(task.class_names):
-            if name == "hippocampus_anterior":
+            if name == "hippocampus_posterior":
                 probabilities[(k, *ISLAND)] = 0.9
         return probabilities, grid
 
@@ -74,22 +75,34 @@ def probabilities_with_an_island(predictor, monkeypatch):
 
 def test_the_ensemble_learns_to_drop_islands_and_segment_applies_it(predictor, probabilities_with_an_island):
     truths = probabilities_with_an_island
-    references = [case("001"), case("003"), case("004")]
+    image, labels = case("004")  # holds only the posterior part, under another label value: its class is row 1 of the ensemble
+    posterior_only = (image, Volume(np.where(labels.array == 2, 5, 0).astype(np.uint8), labels.affine, "posterior only", {5: {"name": CLASS_NAMES[2]}}))
+    references = [posterior_only, case("001"), case("003")]
     for image, labels in references:
         truths[id(image)] = labels
     tasks = [predictor.encode_reference(*r) for r in references]
 
     calibrated = predictor.calibrated_ensemble(tasks, references)
-    assert calibrated.class_names == ["hippocampus_anterior", "hippocampus_posterior"]
-    assert calibrated.keep_largest == [True, False]
+    assert calibrated.class_names == ["hippocampus_posterior", "hippocampus_anterior"]
+    assert calibrated.label_values == [5, 1] and calibrated.keep_largest == [True, False]
 
     target, truth = case("007")
+    truth = Volume(np.where(truth.array == 2, 5, truth.array).astype(np.uint8), truth.affine, truth.name, {1: {"name": CLASS_NAMES[1]}, 5: {"name": CLASS_NAMES[2]}})
     truths[id(target)] = truth
     plain = predictor.segment(target, TaskEmbedding.ensemble(tasks))
     cleaned = predictor.segment(target, calibrated)
-    assert (plain.array == 1).sum() > (cleaned.array == 1).sum()  # the island is gone
-    assert dice(cleaned.array, truth.array, 1) > dice(plain.array, truth.array, 1)
-    assert np.array_equal(cleaned.array == 2, plain.array == 2)
+    assert (plain.array == 5).sum() > (cleaned.array == 5).sum()  # the island is gone
+    assert dice(cleaned.array, truth.array, 5) > dice(plain.array, truth.array, 5)
+    assert np.array_equal(cleaned.array == 1, plain.array == 1)
+
+    # Tuning's check on the references judges the label map segment makes, islands dropped.
+    checked = predictor._dice_on(calibrated, [(target, truth)])
+    assert checked[0] > predictor._dice_on(TaskEmbedding.ensemble(tasks), [(target, truth)])[0]
+    assert checked[0] == pytest.approx(dice(cleaned.array, truth.array, 5), abs=0.05)
+
+    # Retrieval from a pool of these references segments with the ensemble's settings.
+    retrieved = ReferencePool([calibrated]).closest(calibrated)
+    assert retrieved.keep_largest == [True, False] and retrieved.thresholds == calibrated.thresholds
 
 
 def test_a_single_reference_keeps_every_piece(predictor):

@@ -66,8 +66,7 @@ def island_gains(probabilities: torch.Tensor, truth: torch.Tensor, thresholds: l
         if not t.any():
             continue
         mask = p > threshold
-        kept = torch.from_numpy(largest_piece(mask.numpy()))
-        gains[k] = mask_dice(kept, t) - mask_dice(mask, t)
+        gains[k] = mask_dice(largest_piece(mask), t) - mask_dice(mask, t)
     return gains
 
 

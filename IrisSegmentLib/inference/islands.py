@@ -18,14 +18,15 @@ from scipy import ndimage
 _TOUCHING = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: pieces touching at a corner are one piece
 
 
-def largest_piece(mask: np.ndarray) -> np.ndarray:
-    """The largest connected piece of a boolean mask (the mask itself when it has at most one)."""
-    pieces, count = ndimage.label(mask, structure=_TOUCHING)
+def largest_piece(mask: torch.Tensor) -> torch.Tensor:
+    """The largest connected piece of a boolean mask, on the mask's device (the mask itself when it
+    has at most one piece)."""
+    pieces, count = ndimage.label(mask.cpu().numpy(), structure=_TOUCHING)
     if count <= 1:
         return mask
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
-    return pieces == sizes.argmax()
+    return torch.from_numpy(pieces == sizes.argmax()).to(mask.device)
 
 
 def drop_islands(probabilities: torch.Tensor, thresholds: Sequence[float], keep_largest: Sequence[bool]) -> torch.Tensor:
@@ -38,6 +39,5 @@ def drop_islands(probabilities: torch.Tensor, thresholds: Sequence[float], keep_
     for k, (threshold, flag) in enumerate(zip(thresholds, keep_largest)):
         if flag:
             mask = probabilities[k] > threshold
-            kept = torch.from_numpy(largest_piece(mask.cpu().numpy())).to(out.device)
-            out[k][mask & ~kept] = 0
+            out[k][mask & ~largest_piece(mask)] = 0
     return out

@@ -230,29 +230,31 @@ class IrisPredictor:
         curves, seen = [], []  # seen: (probabilities, truth, ensemble rows) per held-out reference
         for i, (image, labels) in enumerate(references):
             _check_cancel(cancel)
-            _report(progress, i / len(references), f"calibrating on reference {i + 1} of {len(references)}")
+            _report(progress, 0.9 * i / len(references), f"calibrating on reference {i + 1} of {len(references)}")
             others = TaskEmbedding.ensemble(tasks[:i] + tasks[i + 1:])
             held_out = self._classes_in(others, labels)
             if not held_out:
                 continue
             probabilities, grid = self.probabilities(image, replace(others.select([others.label_values[r] for r, _ in held_out]), spacing=ensemble.spacing))
-            truth = self._truth_on_grid(labels, grid, [v for _, v in held_out]).cpu()
-            found = dice_by_threshold(probabilities.cpu(), truth)
+            probabilities, truth = probabilities.cpu(), self._truth_on_grid(labels, grid, [v for _, v in held_out]).bool().cpu()
+            found = dice_by_threshold(probabilities, truth)
             keys = others.class_keys()
             rows = [row_of[keys[r]] for r, _ in held_out]
             curve = torch.full((len(ensemble.label_values), found.shape[1]), float("nan"))
             curve[rows] = found
             curves.append(curve)
-            seen.append((probabilities.cpu(), truth, rows))
-        _report(progress, 1.0, "ensemble calibrated")
+            seen.append((probabilities, truth, rows))
         if not curves:
             return ensemble
         thresholds = choose_thresholds(curves, ensemble.thresholds)
         gains = []
-        for probabilities, truth, rows in seen:
+        for i, (probabilities, truth, rows) in enumerate(seen):
+            _check_cancel(cancel)
+            _report(progress, 0.9 + 0.1 * i / len(seen), "checking for stray islands")
             gain = torch.full((len(ensemble.label_values),), float("nan"))
             gain[rows] = island_gains(probabilities, truth, [thresholds[r] for r in rows])
             gains.append(gain)
+        _report(progress, 1.0, "ensemble calibrated")
         return replace(ensemble, thresholds=thresholds, keep_largest=choose_keep_largest(gains, ensemble.keep_largest))
 
     # ------------------------------------------------------------------ tuning
@@ -322,7 +324,8 @@ class IrisPredictor:
         finally:
             for p, flag in zip(self.model.parameters(), frozen):
                 p.requires_grad_(flag)
-        # Fitted to the correction at 0.5, tuned classes leave any calibrated threshold behind.
+        # Fitted to the correction at 0.5, tuned classes leave any calibrated threshold behind; whether
+        # a class is one piece is a fact about the structure and stays.
         tuned = replace(task, tokens=tokens.detach().cpu(), thresholds=[])
         if references:
             _report(progress, 0.9, "checking the tuned classes on the references")

@@ -38,7 +38,7 @@ class ReferencePool:
 
     def closest(self, query: TaskEmbedding, top_k: int = 1) -> TaskEmbedding:
         """Per class of `query`, the mean of the `top_k` most similar pool embeddings of that class;
-        label values, names and colors are those of the pool's ensemble."""
+        everything else (label values, names, colors, thresholds, island flags) is the pool ensemble's."""
         chosen_rows = []
         for value in query.label_values:
             key = class_key(value, query.segments.get(value, {}))
@@ -54,7 +54,9 @@ class ReferencePool:
         tokens = self._ensemble.tokens.clone()
         for key, tok in chosen_rows:
             tokens[keys[key]] = tok
-        return replace(self._ensemble, tokens=tokens, sources=[*self._ensemble.sources, "retrieval"])
+        e = self._ensemble
+        return replace(e, tokens=tokens, label_values=list(e.label_values), segments=dict(e.segments), sources=[*e.sources, "retrieval"],
+                       counts=list(e.counts), thresholds=list(e.thresholds), keep_largest=list(e.keep_largest))
 
     def _search(self, key: str, vector: torch.Tensor, k: int) -> list[int]:
         vectors = self._vectors[key]
