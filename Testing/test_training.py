@@ -144,3 +144,30 @@ def test_checkpoint_selection_never_validates_on_held_out_cases_or_references(tm
     assert report["sets"]["Toy_Select"]["cases"] == validation
     assert all(0 <= r["Toy_Select"] <= 1 for r in report["rows"])
     assert report["best"] == max(report["rows"], key=lambda r: r["mean"])["checkpoint"]
+
+
+def _two_rank_bank_update(rank: int, init_file: str, out_dir: str) -> None:
+    """One DDP rank (gloo, CPU): rank 0 sees classes 0 and 1, rank 1 sees class 2 and class 0 again."""
+    import torch.distributed as dist
+
+    from IrisSegmentLib.training.train import update_memory_bank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    bank = torch.zeros(4, 3, 2)
+    bank[0] = 1.0  # class 0 already has an embedding; the others are unseen
+    rows = [[0, 1]] if rank == 0 else [[2], [0]]
+    tokens = torch.full((len(rows), 2, 3, 2), 10.0 * (rank + 1))  # padded classes beyond rows[e] ride along
+    update_memory_bank(bank, rows, tokens, momentum=0.5, capacity=4)
+    torch.save(bank, f"{out_dir}/bank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_keeps_the_same_memory_bank_with_every_class_seen(tmp_path: Path) -> None:
+    """Rank 0 saves the checkpoint, so its bank must hold the classes only other ranks saw."""
+    torch.multiprocessing.spawn(_two_rank_bank_update, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    banks = [torch.load(tmp_path / f"bank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(banks[0], banks[1])
+    expected = torch.zeros(4, 3, 2)
+    expected[0] = 0.5 * (0.5 * 1.0 + 0.5 * 10.0) + 0.5 * 20.0  # rank 0's update, then rank 1's
+    expected[1], expected[2] = 10.0, 20.0  # first sight: the embedding itself
+    torch.testing.assert_close(banks[0], expected)

@@ -110,11 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         loss = dice_bce_loss(logits, batch.query_masks.to(device), classes.to(logits.dtype))
         loss.backward()
         total = float(loss.detach())
-        with torch.no_grad():
-            for keys, episode_tokens in zip(batch.class_keys, tokens.detach()):
-                for key, emb in zip(keys, episode_tokens):
-                    bank = model.memory_bank[class_index[key]]
-                    bank.copy_(emb if not bank.any() else args.ema * bank + (1 - args.ema) * emb)
+        rows = [[class_index[key] for key in keys] for keys in batch.class_keys]
+        update_memory_bank(model.memory_bank, rows, tokens.detach(), args.ema, args.episodes_per_step * args.max_classes)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
@@ -129,6 +126,32 @@ def main(argv: list[str] | None = None) -> None:
             break
     if distributed:
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def update_memory_bank(bank: torch.Tensor, rows: list[list[int]], tokens: torch.Tensor, momentum: float, capacity: int) -> None:
+    """EMA of every class embedding seen this step: bank[rows[e][c]] takes tokens[e, c] (padded
+    classes beyond rows[e] are ignored). Under DDP each rank sees other episodes, so every rank's
+    updates are gathered and applied in rank order everywhere: the banks stay identical, and the one
+    rank 0 saves holds every class seen on any rank. `capacity`: the most class embeddings a rank
+    makes in one step (episodes x classes), the size each rank sends."""
+    seen = torch.full((capacity,), -1, dtype=torch.long, device=bank.device)
+    embeddings = torch.zeros((capacity, *bank.shape[1:]), dtype=bank.dtype, device=bank.device)
+    n = 0
+    for episode_rows, episode_tokens in zip(rows, tokens):
+        for row, embedding in zip(episode_rows, episode_tokens):
+            seen[n], embeddings[n] = row, embedding
+            n += 1
+    if dist.is_available() and dist.is_initialized():
+        every_seen = [torch.empty_like(seen) for _ in range(dist.get_world_size())]
+        every_embedding = [torch.empty_like(embeddings) for _ in range(dist.get_world_size())]
+        dist.all_gather(every_seen, seen)
+        dist.all_gather(every_embedding, embeddings)
+        seen, embeddings = torch.cat(every_seen), torch.cat(every_embedding)
+    for row, embedding in zip(seen.tolist(), embeddings):
+        if row >= 0:
+            entry = bank[row]
+            entry.copy_(embedding if not entry.any() else momentum * entry + (1 - momentum) * embedding)
 
 
 def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, config: IrisConfig, args: argparse.Namespace, hours: float) -> None:
