@@ -3,8 +3,8 @@
 One embedding holds, per class, the (T, D) task tokens plus what a user needs to trust and reuse
 it: label values, segment names/colors/terminology, modality, working spacing, the probability
 threshold that makes a voxel the class, whether the class keeps only its largest connected piece,
-the model that made it and where it came from. Stored as
-safetensors (tensors + JSON metadata), never pickle.
+the model that made it and where it came from. Stored as safetensors (tensors + JSON metadata),
+never pickle.
 """
 from __future__ import annotations
 
