@@ -171,3 +171,26 @@ def test_under_ddp_every_rank_keeps_the_same_memory_bank_with_every_class_seen(t
     expected[0] = 0.5 * (0.5 * 1.0 + 0.5 * 10.0) + 0.5 * 20.0  # rank 0's update, then rank 1's
     expected[1], expected[2] = 10.0, 20.0  # first sight: the embedding itself
     torch.testing.assert_close(banks[0], expected)
+
+
+def test_averaged_checkpoints_are_the_mean_of_their_weights(tmp_path: Path) -> None:
+    from engine_fixtures import random_model
+
+    from IrisSegmentLib.errors import WeightsError
+    from IrisSegmentLib.model.weights import load_model, save_model
+    from IrisSegmentLib.training.average import main as average_main
+
+    a, b = random_model(seed=0), random_model(seed=1)
+    save_model(a, tmp_path / "iris_step000010.safetensors", {"steps": 10})
+    save_model(b, tmp_path / "iris_step000020.safetensors", {"steps": 20})
+    average_main(["--run", str(tmp_path), "--steps", "10", "20", "--output", str(tmp_path / "avg.safetensors")])
+    averaged = load_model(tmp_path / "avg.safetensors", "cpu")
+    saved = [load_model(tmp_path / f"iris_step0000{s}.safetensors", "cpu") for s in (10, 20)]
+    for name, tensor in averaged.state_dict().items():
+        torch.testing.assert_close(tensor, (saved[0].state_dict()[name] + saved[1].state_dict()[name]) / 2, rtol=0, atol=2e-3, msg=name)  # float16 storage
+    assert averaged.provenance == {"steps": 20, "averaged": ["iris_step000010.safetensors", "iris_step000020.safetensors"]}
+    assert averaged.model_id not in (saved[0].model_id, saved[1].model_id)  # tasks of either checkpoint are refused
+
+    save_model(random_model(seed=2, channels=(8, 16, 32, 32)), tmp_path / "iris_step000030.safetensors")
+    with pytest.raises(WeightsError, match="other model settings"):
+        average_main(["--run", str(tmp_path), "--steps", "10", "30", "--output", str(tmp_path / "bad.safetensors")])

@@ -7,7 +7,7 @@ the evaluation will measure without looking at the held-out cases. Training saw 
 score flatters every checkpoint alike; it ranks checkpoints, it does not estimate accuracy.
 
     python -m IrisSegmentLib.training.select --run runs/iris-cpu-v2 --data ../shared/data \
-        --sets HeadNeck_CT Abdomen_MRI Hippocampus_MRI [--cases 8] [--last 4]
+        --sets HeadNeck_CT Abdomen_MRI Hippocampus_MRI [--cases 8] [--last 4] [--weights FILE ...]
 """
 from __future__ import annotations
 
@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sets", nargs="+", required=True, help="image sets to validate on")
     p.add_argument("--cases", type=int, default=8, help="validation cases per set")
     p.add_argument("--last", type=int, default=4, help="score the last N checkpoints")
+    p.add_argument("--weights", type=Path, nargs="*", default=[], help="more weights files to score (averaged checkpoints, the shipped model)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    checkpoints = sorted(args.run.glob("iris_step*.safetensors"))[-args.last:]
+    checkpoints = sorted(args.run.glob("iris_step*.safetensors"))[-args.last:] + args.weights
     if not checkpoints:
-        raise SystemExit(f"no iris_step*.safetensors in {args.run}")
+        raise SystemExit(f"no iris_step*.safetensors in {args.run} and no --weights")
     chosen, sets = {}, {}
     for name in args.sets:
         ref_id, case_ids = validation_cases(args.data / name, args.cases)
