@@ -311,5 +311,6 @@ def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_p
         assert len(list(csv.DictReader(f))) == len(rows)
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "speed-up vs registration" in summary and "one-time seconds" in summary
+    assert "Ensemble calibrated on the references: " in summary  # what calibration chose is on record
     assert (tmp_path / "report" / "dice_per_class.png").is_file()
     assert (tmp_path / "report" / f"overlay_{heldout[0]}.png").is_file()

@@ -87,13 +87,15 @@ def evaluate(
         tasks.append(predictor.encode_reference(image, labels))
         encode_seconds.append(time.perf_counter() - start)
     plans: dict[str, tuple[object, float]] = {}
+    notes: list[str] = []
     if "one-shot" in strategies:
         plans["one-shot"] = (tasks[0], encode_seconds[0])
     if "ensemble" in strategies:
         start = time.perf_counter()
         ensemble = predictor.calibrated_ensemble(tasks, refs)
         plans[f"ensemble-{references}"] = (ensemble, sum(encode_seconds) + time.perf_counter() - start)
-        print(f"  ensemble calibrated on the references: {ensemble.calibration_note() or 'nothing changed'}")
+        notes.append(f"Ensemble calibrated on the references: {ensemble.calibration_note() or 'nothing changed'}.")
+        print(f"  {notes[-1]}")
     if "retrieval" in strategies:
         plans[f"retrieval-{references}"] = (tasks, sum(encode_seconds))
     if "tune" in strategies:
@@ -101,7 +103,8 @@ def evaluate(
         start = time.perf_counter()
         tuned = predictor.tune(tasks[0], image, labels, steps=tune_steps, references=refs[:1])
         if predictor.tuning_untuned:
-            print(f"  kept untuned (they collapsed on the reference): {', '.join(predictor.tuning_untuned)}")
+            notes.append(f"Tuning kept untuned (they collapsed on the reference): {', '.join(predictor.tuning_untuned)}.")
+            print(f"  {notes[-1]}")
         plans["one-shot+tune"] = (tuned, encode_seconds[0] + time.perf_counter() - start)
     rows: list[ResultRow] = []
     output.mkdir(parents=True, exist_ok=True)
@@ -127,10 +130,8 @@ def evaluate(
         print(f"  {case_id}: " + ", ".join(f"{m} {d:.3f}" for m, d in means.items()), flush=True)
         if n < overlays:
             plot_overlay(image, truth, predictions, output / f"overlay_{case_id}.png", dataset.label_names, f"{dataset.name} {case_id}")
-    notes = [
-        f"Model seconds per case include its one-time work shared over the {len(heldout)} cases; one-time seconds: "
-        + ", ".join(f"{method} {prep:.2f}" for method, (_, prep) in plans.items()) + "."
-    ]
+    notes.insert(0, f"Model seconds per case include its one-time work shared over the {len(heldout)} cases; one-time seconds: "
+                 + ", ".join(f"{method} {prep:.2f}" for method, (_, prep) in plans.items()) + ".")
     write_report(rows, output, baseline="registration" if baseline else None, notes=notes)
     return rows
 

@@ -96,7 +96,8 @@ def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None, not
             ratio = f"{base_seconds / seconds:.1f}x" if seconds > 0 else "n/a"
             lines.append(f"| {method} | {cases} | {seconds:.2f} | {ratio} |")
         lines.append("")
-    lines += list(notes)
+    for note in notes:
+        lines += [note, ""]  # a paragraph each
     return "\n".join(lines)
 
 
