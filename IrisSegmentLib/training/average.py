@@ -1,10 +1,11 @@
 """Average the weights of several checkpoints of one run (stochastic weight averaging, afterwards).
 
 While the learning rate is high, consecutive checkpoints scatter around a better point than any of
-them: on validation, steps 4,500 / 4,750 / 5,000 / 5,250 of iris-cpu-v2 scored 0.744 / 0.740 / 0.752 /
-(not scored) alone and 0.773 averaged, against 0.760 for the best single checkpoint so far. The
-memory bank is averaged too (it is an EMA already). The result is an ordinary weights file: score it
-with `select --weights FILE` before shipping it.
+them: on validation (`select`), steps 4,500 / 4,750 / 5,000 of iris-cpu-v2 (lr near 1e-3) scored
+0.744 / 0.740 / 0.752 alone, and the mean of steps 4,500-5,250 scored 0.773. After the learning rate
+has decayed there is little left to gain: steps 6,250-7,000 averaged scored 0.784, step 7,000 alone
+0.785. The memory bank is averaged too (it is an EMA already). The result is an ordinary weights
+file: score it with `select --weights FILE` before shipping it.
 
     python -m IrisSegmentLib.training.average --run runs/iris-cpu-v2 --steps 6250 6500 6750 7000 \
         --output runs/iris-cpu-v2/iris_avg_006250-007000.safetensors
