@@ -134,6 +134,43 @@ def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predi
     assert predictor.tuning_untuned == [] and not torch.equal(unchecked.tokens[1], task.tokens[1])
 
 
+def _first_fifth(mask: torch.Tensor) -> torch.Tensor:
+    """The part of a mask in its lowest fifth along the first axis."""
+    rows = mask.nonzero()[:, 0]
+    cut = torch.quantile(rows.float(), 0.2)
+    ramp = torch.arange(mask.shape[0], dtype=torch.float32).reshape(-1, *[1] * (mask.dim() - 1))
+    return mask * (ramp <= cut)
+
+
+def test_a_tuned_class_that_takes_a_neighbours_voxels_stays_untuned(predictor, monkeypatch):
+    """The HeadNeck failure, staged on the reference: the tuned posterior embedding collapses, and
+    the tuned anterior one segments its own structure better but also claims a fifth of the posterior
+    hippocampus. Reverting the posterior class cannot give those voxels back; the check, repeated on
+    the result, finds that the anterior class took them and reverts it too."""
+    reference, corrected = case("001"), case("003")
+    task = predictor.encode_reference(*reference)
+    original = task.tokens.clone()
+    real_probabilities = predictor.probabilities
+
+    def probabilities(image, t, progress=None, cancel=None, allow_modality_mismatch=False):
+        if image is not reference[0]:
+            return real_probabilities(image, t, progress, cancel, allow_modality_mismatch)
+        _, grid = predictor._working_target(image, t.modality, t.spacing)
+        anterior, posterior = predictor._truth_on_grid(reference[1], grid, t.label_values)
+        if torch.equal(t.tokens[0], original[0]):
+            anterior = anterior - _first_fifth(anterior)  # untuned: misses part of its structure
+        else:
+            anterior = anterior + 0.95 / 0.9 * _first_fifth(posterior)  # tuned: all of it, and more
+        if not torch.equal(t.tokens[1], original[1]):
+            posterior = torch.zeros_like(posterior)  # tuned: collapsed
+        return torch.stack([0.9 * anterior, 0.9 * posterior]), grid
+
+    monkeypatch.setattr(predictor, "probabilities", probabilities)
+    tuned = predictor.tune(task, *corrected, steps=3, references=[reference])
+    assert predictor.tuning_untuned == [CLASS_NAMES[1], CLASS_NAMES[2]]
+    assert torch.equal(tuned.tokens, task.tokens)
+
+
 # ---------------------------------------------------------------- task files
 def test_saved_and_reloaded_embeddings_give_identical_output(predictor, tmp_path):
     task = TaskEmbedding.ensemble([predictor.encode_reference(*case("001")), predictor.encode_reference(*case("004"))])
