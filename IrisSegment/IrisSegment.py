@@ -378,7 +378,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onSegmented(output)
         untuned = self.logic.currentSceneLogic.untuned
         if untuned:
-            self.ui.statusLabel.text += " " + _("Kept untuned, as tuning made them worse on the references: {names}.").format(names=", ".join(untuned))
+            self.ui.statusLabel.text += " " + _("Kept untuned, as tuning made them (or a neighbour) worse on the references: {names}.").format(names=", ".join(untuned))
 
     def _showDevice(self) -> None:
         sceneLogic = self.logic.currentSceneLogic

@@ -149,7 +149,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     losses = predictor.tuning_losses
     print(f"wrote {output}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
     if predictor.tuning_untuned:
-        print(f"kept untuned, as tuning made them segment the references worse: {', '.join(predictor.tuning_untuned)}")
+        print(f"kept untuned, as tuning made them (or a neighbour whose voxels they took) segment the references worse: {', '.join(predictor.tuning_untuned)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -103,7 +103,7 @@ def evaluate(
         start = time.perf_counter()
         tuned = predictor.tune(tasks[0], image, labels, steps=tune_steps, references=refs[:1])
         if predictor.tuning_untuned:
-            notes.append(f"Tuning kept untuned (they collapsed on the reference): {', '.join(predictor.tuning_untuned)}.")
+            notes.append(f"Tuning kept untuned (tuned, they or a neighbour segmented the reference worse): {', '.join(predictor.tuning_untuned)}.")
             print(f"  {notes[-1]}")
         plans["one-shot+tune"] = (tuned, encode_seconds[0] + time.perf_counter() - start)
     rows: list[ResultRow] = []
