@@ -371,8 +371,9 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
         self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
         task = self.logic.currentSceneLogic.task
-        if task is not None and task.calibration_note():
-            self.ui.statusLabel.text += " " + _("Class settings: {note}.").format(note=task.calibration_note())
+        note = task.calibration_note() if task is not None else ""
+        if note:
+            self.ui.statusLabel.text += " " + _("Class settings: {note}.").format(note=note)
 
     def _onTuned(self, output) -> None:
         self._onSegmented(output)

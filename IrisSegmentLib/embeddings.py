@@ -123,8 +123,9 @@ class TaskEmbedding:
             weights = torch.tensor([float(t.counts[r]) for t, r in members])
             stacked = torch.stack([t.tokens[r] for t, r in members])
             tokens.append((stacked * weights[:, None, None]).sum(0) / weights.sum())
-            thresholds.append(float((torch.tensor([t.thresholds[r] for t, r in members]) * weights).sum() / weights.sum()))
-            keep_largest.append(bool((torch.tensor([float(t.keep_largest[r]) for t, r in members]) * weights).sum() > weights.sum() / 2))
+            share = weights / weights.sum()
+            thresholds.append(float(torch.tensor([t.thresholds[r] for t, r in members]) @ share))
+            keep_largest.append(bool(torch.tensor([float(t.keep_largest[r]) for t, r in members]) @ share > 0.5))
             owner, row = members[0]
             value = owner.label_values[row]
             if value in values:

@@ -144,8 +144,7 @@ class IrisPredictor:
         """Every class of the task on the target, in one decoder pass per window; result on the target's grid."""
         probabilities, grid = self.probabilities(target, task, progress, cancel, allow_modality_mismatch)
         _report(progress, 0.95, "mapping the result back to the target grid")
-        probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
-        labels = labels_on_grid(probabilities, grid.affine, Grid(target.shape, target.affine), task.label_values, task.thresholds)
+        labels = self._label_map(task, probabilities, grid, Grid(target.shape, target.affine))
         _check_cancel(cancel)
         _report(progress, 1.0, "done")
         return Volume(
@@ -181,6 +180,14 @@ class IrisPredictor:
                 total[(slice(None), *tile)] += torch.sigmoid(logits) * weight
                 weight_sum[tile] += weight
         return total / weight_sum.clamp_min(1e-6), grid
+
+    @staticmethod
+    def _label_map(task: TaskEmbedding, probabilities: torch.Tensor, grid: Grid, onto: Grid) -> np.ndarray:
+        """The task's decision (islands dropped, per-class thresholds, classes competing) on
+        probabilities over working `grid`, as a label map on `onto`: one rule for segmenting and for
+        checking a tuned task on its references."""
+        probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
+        return labels_on_grid(probabilities, grid.affine, onto, task.label_values, task.thresholds)
 
     def _working_target(self, target: Volume, modality: str, spacing: float) -> tuple[torch.Tensor, Grid]:
         """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
@@ -332,10 +339,10 @@ class IrisPredictor:
         tuned = replace(task, tokens=tokens.detach().cpu(), thresholds=[])
         if references:
             _report(progress, 0.9, "checking the tuned classes on the references")
-            before, taken_before = self._dice_on(task, references, cancel, with_confusion=True)
+            before, taken_before = self._dice_on(task, references, cancel)
             untuned: list[int] = []
             while True:
-                after, taken = self._dice_on(tuned, references, cancel, with_confusion=True)
+                after, taken = self._dice_on(tuned, references, cancel)
                 losers = [row for row in before if after[row] < before[row] - COLLAPSE]
                 culprits = {row if row not in untuned else self._thief(row, taken - taken_before, untuned) for row in losers} - {None, *untuned}
                 if not culprits:
@@ -356,29 +363,28 @@ class IrisPredictor:
         candidates = [j for j in range(gained.shape[1]) if j != row and j not in untuned and gained[row, j] > 0]
         return max(candidates, key=lambda j: gained[row, j]) if candidates else None
 
-    def _dice_on(
-        self, task: TaskEmbedding, references: list[tuple[Volume, Volume]], cancel: Cancel = None, with_confusion: bool = False,
-    ) -> dict[int, float] | tuple[dict[int, float], torch.Tensor]:
+    def _dice_on(self, task: TaskEmbedding, references: list[tuple[Volume, Volume]], cancel: Cancel = None) -> tuple[dict[int, float], torch.Tensor]:
         """Per task row, the mean Dice over the labelled scans that hold the class, of the label map
-        `segment` would make (classes compete for a voxel), taken on the working grid. With
-        `with_confusion`, also (K, K) voxel counts over the scans: [r, j] voxels of r's truth labelled j."""
+        `segment` would make (classes compete for a voxel), taken on the working grid; and the (K, K)
+        voxel counts over the scans: [r, j] voxels of r's truth labelled as class j."""
+        classes = len(task.label_values)
         scores: dict[int, list[float]] = {}
-        confusion = torch.zeros(len(task.label_values), len(task.label_values))
+        confusion = torch.zeros(classes, classes)
         for image, labels in references:
             _check_cancel(cancel)
             rows = self._classes_in(task, labels)
             if not rows:
                 continue
             probabilities, grid = self.probabilities(image, task)
-            probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
-            predicted = torch.from_numpy(labels_on_grid(probabilities, grid.affine, grid, task.label_values, task.thresholds)).to(self.device)
-            truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool()
+            predicted = torch.from_numpy(self._label_map(task, probabilities, grid, grid))
+            row_of_voxel = torch.full((max(task.label_values) + 1,), classes, dtype=torch.long)  # background: K
+            row_of_voxel[torch.tensor(task.label_values)] = torch.arange(classes)
+            row_of_voxel = row_of_voxel[predicted]
+            truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool().cpu()
             for n, (row, _) in enumerate(rows):
-                scores.setdefault(row, []).append(mask_dice(predicted == task.label_values[row], truth[n]))
-                for j, value in enumerate(task.label_values):
-                    confusion[row, j] += int((truth[n] & (predicted == value)).sum())
-        dice = {row: float(np.mean(values)) for row, values in scores.items()}
-        return (dice, confusion) if with_confusion else dice
+                scores.setdefault(row, []).append(mask_dice(row_of_voxel == row, truth[n]))
+                confusion[row] += torch.bincount(row_of_voxel[truth[n]], minlength=classes + 1)[:classes]
+        return {row: float(np.mean(values)) for row, values in scores.items()}, confusion
 
     # ------------------------------------------------------------------ retrieval and memory bank
     def retrieve(
