@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", choices=["registration", "none"], default="registration")
     evaluate.add_argument("--cases", type=int, help="only the first N held-out cases")
     evaluate.add_argument("--tune-steps", type=int, default=30)
+    evaluate.add_argument("--tuning-cases", type=int, default=3,
+                          help="tune separately on each of N corrected training cases and report the mean (one case is one draw)")
     evaluate.add_argument("--overlays", type=int, default=3, help="slice overlays for the first N cases")
     model_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

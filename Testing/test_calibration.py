@@ -47,6 +47,22 @@ def test_thresholds_are_chosen_where_the_held_out_references_gain():
     assert choose_thresholds([flat], current=[0.4]) == [0.5]
 
 
+def test_a_threshold_that_loses_on_any_held_out_reference_is_not_chosen():
+    high, mid = CANDIDATES.index(0.7), CANDIDATES.index(0.6)
+
+    def curve(at_high: float, at_mid: float = 0.6) -> torch.Tensor:
+        flat = torch.full((1, len(CANDIDATES)), 0.6)  # Dice 0.6 at every other threshold, 0.5 included
+        flat[0, high], flat[0, mid] = at_high, at_mid
+        return flat
+
+    # 0.7 gains 0.05 on average but loses on the second reference (as the OpenKBP larynx did):
+    # the best threshold that loses nowhere is taken (0.6, +0.015 on average) ...
+    assert choose_thresholds([curve(0.71, 0.63), curve(0.59)], current=[0.5]) == [0.6]
+    # ... or 0.5 when none is left; 0.7 when it loses nowhere.
+    assert choose_thresholds([curve(0.71), curve(0.59)], current=[0.5]) == [0.5]
+    assert choose_thresholds([curve(0.71), curve(0.62)], current=[0.5]) == [0.7]
+
+
 @pytest.fixture
 def known_probabilities(predictor, monkeypatch):
     """predictor.probabilities replaced by under-confident maps of each image's true labels; records,

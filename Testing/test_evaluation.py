@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from scipy import ndimage
 
 from IrisSegmentLib.errors import InputError
 from IrisSegmentLib.evaluation.dataset import load_dataset, read_case, split_cases
-from IrisSegmentLib.evaluation.metrics import ClassScore, dice, hd95, score_labels
+from IrisSegmentLib.evaluation.metrics import ClassScore, dice, hd95, mean_scores, score_labels
 from IrisSegmentLib.evaluation.registration import RegistrationSettings, register_and_warp, sitk_to_volume, volume_to_sitk
 from IrisSegmentLib.evaluation.report import CSV_COLUMNS, ResultRow, plot_overlay, result_rows, summary_markdown, write_report
 from IrisSegmentLib.volume import Volume
@@ -70,6 +71,17 @@ def test_classes_are_scored_separately_and_empty_cases_follow_the_convention() -
     both_empty = score_labels(Volume(prediction, affine), Volume(truth, affine), classes=[2])[2]
     assert both_empty.dice == 1.0 and math.isnan(both_empty.hd95_mm)
     assert dice(np.zeros(shape), np.zeros(shape)) == 1.0
+
+
+def test_scores_of_several_tunings_average_per_class_and_skip_undefined_distances() -> None:
+    first = {1: ClassScore(0.8, 2.0), 2: ClassScore(0.0, float("nan"))}
+    second = {1: ClassScore(0.6, 4.0), 2: ClassScore(0.0, float("nan"))}
+    third = {1: ClassScore(0.7, float("nan")), 2: ClassScore(0.3, 5.0)}
+    mean = mean_scores([first, second, third])
+    assert mean[1].dice == pytest.approx(0.7) and mean[1].hd95_mm == pytest.approx(3.0)  # the undefined HD95 is not a 0
+    assert mean[2].dice == pytest.approx(0.1) and mean[2].hd95_mm == pytest.approx(5.0)
+    assert math.isnan(mean_scores([first, second])[2].hd95_mm)
+    assert mean_scores([first]) == first
 
 
 def test_scoring_refuses_label_maps_on_different_grids() -> None:
@@ -262,11 +274,26 @@ def test_report_writes_csv_summary_and_plot(tmp_path: Path) -> None:
     assert "| **mean over classes** | 3.000 | 9.000 |" in summary  # only classes every method has an HD95 for
     assert "speed-up vs registration" in summary  # the slowest method is the default baseline
     assert "| iris | 2 | 2.00 | 15.0x |" in summary and "| registration | 2 | 30.00 | 1.0x |" in summary
+    # paired per case against the first method: c1 0.55 - 0.80, c2 0.20 - 0.65
+    assert "Paired against iris" in summary and "| registration | 2 | -0.350 | -0.450 to -0.250 | 0 / 2 |" in summary
 
     assert paths["dice_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["dice_plot"].stat().st_size > 5000
     with pytest.raises(InputError, match="baseline"):
         summary_markdown(rows, baseline="atlas")
+
+
+def test_paired_interval_separates_a_steady_gain_from_case_to_case_noise() -> None:
+    rng = np.random.default_rng(1)
+    rows = []
+    for n, base in enumerate(rng.uniform(0.4, 0.9, size=30)):
+        for method, value in [("one-shot", base), ("steady", base + 0.02), ("noisy", base + (0.05 if n % 2 else -0.05))]:
+            rows += result_rows("Toy", f"c{n}", method, {1: ClassScore(value, 1.0)}, {1: "organ"}, 1.0)
+    paired = [line for line in summary_markdown(rows).splitlines() if " to " in line]  # the paired table's rows
+    lines = {line.split(" | ")[0]: line for line in paired}
+    assert "| +0.020 | +0.020 to +0.020 | 30 / 0 |" in lines["| steady"]
+    low, high = (float(x) for x in lines["| noisy"].split(" | ")[3].split(" to "))
+    assert low < 0 < high  # a gain on half the cases and a loss on the other half is no gain
 
 
 def test_overlay_writes_a_png_per_case(tmp_path: Path) -> None:
@@ -297,7 +324,7 @@ def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_p
     from IrisSegmentLib.training.data import load_split
 
     rows = evaluate(DATA / "Hippocampus_MRI", tmp_path / "report", IrisPredictor(random_model(0)),
-                    ["one-shot", "ensemble", "tune"], references=2, cases=2, tune_steps=2, overlays=1)
+                    ["one-shot", "ensemble", "tune"], references=2, cases=2, tune_steps=2, overlays=1, tuning_cases=2)
     heldout = load_split()["Hippocampus_MRI"][:2]
     methods = {"one-shot", "ensemble-2", "one-shot+tune", "registration"}
     assert {r.method for r in rows} == methods
@@ -312,5 +339,8 @@ def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_p
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "speed-up vs registration" in summary and "one-time seconds" in summary
     assert "Ensemble calibrated on the references: " in summary  # what calibration chose is on record
+    tuned_on = re.findall(r"Tuned on (\S+);", summary)  # tuned separately on each corrected case, none held out
+    assert len(set(tuned_on)) == 2 and not set(tuned_on) & set(load_split()["Hippocampus_MRI"])
+    assert "mean over the 2 tunings" in summary and all(f"{case} 0." in summary for case in tuned_on)
     assert (tmp_path / "report" / "dice_per_class.png").is_file()
     assert (tmp_path / "report" / f"overlay_{heldout[0]}.png").is_file()

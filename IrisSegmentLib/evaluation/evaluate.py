@@ -9,7 +9,9 @@ plot and a few slice overlays.
 Strategies: one-shot (first reference), ensemble (all K, thresholds and island removal calibrated
 leave-one-out on them), retrieval (pool of K, top-1 per class),
 tune (one-shot embeddings tuned on one more training case whose labels stand in for a clinician's
-correction; never on a held-out case). A model's seconds per case are its segmentation time plus
+correction; never on a held-out case). One corrected case is one draw of a patient and an annotator,
+so tuning is repeated separately on `tuning_cases` such cases and its scores are their mean: the
+gain to expect from tuning on one corrected case. A model's seconds per case are its segmentation time plus
 its one-time work (encoding the references, tuning) shared out over the evaluated cases, as when
 one reference serves a series of scans; the summary lists the one-time seconds themselves.
 Each case is scored on the classes its truth holds.
@@ -29,7 +31,7 @@ from ..segments import present_labels
 from ..training.data import load_split
 from ..volume import Volume
 from .dataset import EvaluationDataset, load_dataset, read_case, split_cases
-from .metrics import score_labels
+from .metrics import mean_scores, score_labels
 from .registration import register_and_warp
 from .report import ResultRow, plot_overlay, result_rows, write_report
 
@@ -68,60 +70,71 @@ def mean_dice(predictor, task: TaskEmbedding, cases: list[tuple[Volume, Volume]]
 
 def evaluate(
     data: Path, output: Path, predictor, strategies: list[str], references: int = 1, cases: int | None = None,
-    baseline: bool = True, tune_steps: int = 30, overlays: int = 3,
+    baseline: bool = True, tune_steps: int = 30, overlays: int = 3, tuning_cases: int = 3,
 ) -> list[ResultRow]:
     dataset = load_dataset(data)
     heldout, training = heldout_and_training(dataset)
     if cases:
         heldout = heldout[:cases]
-    need = max(references, 1) + (1 if "tune" in strategies else 0)
+    if "tune" in strategies and tuning_cases < 1:
+        raise InputError("tuning needs at least one corrected case: set --tuning-cases to 1 or more.")
+    need = max(references, 1) + (tuning_cases if "tune" in strategies else 0)
     if len(training) < need:
         raise InputError(f"{dataset.name}: {len(training)} training cases, {need} needed for {references} reference(s) and the strategies asked.")
     chosen = pick_references(dataset, training, need)
-    ref_ids, tune_id = chosen[:references], (chosen[references] if "tune" in strategies else None)
-    print(f"{dataset.name}: references {ref_ids}; {len(heldout)} held-out targets" + (f"; tuning case {tune_id}" if tune_id else ""))
+    ref_ids, tune_ids = chosen[:references], chosen[max(references, 1):]
+    print(f"{dataset.name}: references {ref_ids}; {len(heldout)} held-out targets" + (f"; tuning cases {tune_ids}" if tune_ids else ""))
     refs = [read_case(dataset.case(i)) for i in ref_ids]
     tasks, encode_seconds = [], []
     for image, labels in refs:
         start = time.perf_counter()
         tasks.append(predictor.encode_reference(image, labels))
         encode_seconds.append(time.perf_counter() - start)
-    plans: dict[str, tuple[object, float]] = {}
+    # method -> (tasks whose scores are averaged (a list of tasks: retrieval from that pool), one-time seconds)
+    plans: dict[str, tuple[list, float]] = {}
     notes: list[str] = []
     if "one-shot" in strategies:
-        plans["one-shot"] = (tasks[0], encode_seconds[0])
+        plans["one-shot"] = ([tasks[0]], encode_seconds[0])
     if "ensemble" in strategies:
         start = time.perf_counter()
         ensemble = predictor.calibrated_ensemble(tasks, refs)
-        plans[f"ensemble-{references}"] = (ensemble, sum(encode_seconds) + time.perf_counter() - start)
+        plans[f"ensemble-{references}"] = ([ensemble], sum(encode_seconds) + time.perf_counter() - start)
         notes.append(f"Ensemble calibrated on the references: {ensemble.calibration_note() or 'nothing changed'}.")
         print(f"  {notes[-1]}")
     if "retrieval" in strategies:
-        plans[f"retrieval-{references}"] = (tasks, sum(encode_seconds))
+        plans[f"retrieval-{references}"] = ([tasks], sum(encode_seconds))
     if "tune" in strategies:
-        image, labels = read_case(dataset.case(tune_id))
-        start = time.perf_counter()
-        tuned = predictor.tune(tasks[0], image, labels, steps=tune_steps, references=refs[:1])
-        if predictor.tuning_untuned:
-            notes.append(f"Tuning kept untuned (tuned, they or a neighbour segmented the reference worse): {', '.join(predictor.tuning_untuned)}.")
+        tuned, tuning_seconds = [], []
+        for tune_id in tune_ids:
+            image, labels = read_case(dataset.case(tune_id))
+            start = time.perf_counter()
+            tuned.append(predictor.tune(tasks[0], image, labels, steps=tune_steps, references=refs[:1]))
+            tuning_seconds.append(time.perf_counter() - start)
+            untuned = ", ".join(predictor.tuning_untuned) or "none"
+            notes.append(f"Tuned on {tune_id}; kept untuned (tuned, they or a neighbour segmented the reference worse): {untuned}.")
             print(f"  {notes[-1]}")
-        plans["one-shot+tune"] = (tuned, encode_seconds[0] + time.perf_counter() - start)
+        plans["one-shot+tune"] = (tuned, encode_seconds[0] + float(np.mean(tuning_seconds)))
     rows: list[ResultRow] = []
     output.mkdir(parents=True, exist_ok=True)
     share = 1 / max(1, len(heldout))
+    dice_by_alternative: dict[str, list[list[float]]] = {m: [[] for _ in alternatives] for m, (alternatives, _) in plans.items()}
     for n, case_id in enumerate(heldout):
         image, truth = read_case(dataset.case(case_id))
         classes = classes_to_score(truth, tasks[0].label_values)
         predictions = {}
-        for method, (task, prep_seconds) in plans.items():
-            start = time.perf_counter()
-            if isinstance(task, list):
-                prediction = predictor.segment_with_retrieval(image, task)
-            else:
-                prediction = predictor.segment(image, task)
-            seconds = time.perf_counter() - start + prep_seconds * share
-            predictions[method] = prediction
-            rows += result_rows(dataset.name, case_id, method, score_labels(prediction, truth, classes), dataset.label_names, seconds)
+        for method, (alternatives, prep_seconds) in plans.items():
+            scores, seconds = [], []
+            for alternative, task in enumerate(alternatives):
+                start = time.perf_counter()
+                if isinstance(task, list):
+                    prediction = predictor.segment_with_retrieval(image, task)
+                else:
+                    prediction = predictor.segment(image, task)
+                seconds.append(time.perf_counter() - start)
+                scores.append(score_labels(prediction, truth, classes))
+                dice_by_alternative[method][alternative] += [score.dice for score in scores[-1].values()]
+                predictions.setdefault(method, prediction)
+            rows += result_rows(dataset.name, case_id, method, mean_scores(scores), dataset.label_names, float(np.mean(seconds)) + prep_seconds * share)
         if baseline:
             warped, seconds = register_and_warp(*refs[0], image)
             predictions["registration"] = warped
@@ -130,14 +143,19 @@ def evaluate(
         print(f"  {case_id}: " + ", ".join(f"{m} {d:.3f}" for m, d in means.items()), flush=True)
         if n < overlays:
             plot_overlay(image, truth, predictions, output / f"overlay_{case_id}.png", dataset.label_names, f"{dataset.name} {case_id}")
+    if "tune" in strategies:
+        per_tuning = [f"{tune_id} {np.mean(values):.3f}" for tune_id, values in zip(tune_ids, dice_by_alternative["one-shot+tune"])]
+        before = f"; one-shot {np.mean(dice_by_alternative['one-shot'][0]):.3f}" if "one-shot" in plans else ""
+        notes.append(f"One-shot+tune by corrected case (mean Dice over every scored case and class): {', '.join(per_tuning)}{before}.")
     notes.insert(0, f"Model seconds per case include its one-time work shared over the {len(heldout)} cases; one-time seconds: "
-                 + ", ".join(f"{method} {prep:.2f}" for method, (_, prep) in plans.items()) + ".")
+                 + ", ".join(f"{method} {prep:.2f}" for method, (_, prep) in plans.items())
+                 + (f" (one-shot+tune: encoding plus the mean tuning time; its scores are the mean over the {len(tune_ids)} tunings)" if "tune" in strategies else "") + ".")
     write_report(rows, output, baseline="registration" if baseline else None, notes=notes)
     return rows
 
 
 def run(args: argparse.Namespace, predictor) -> None:
     rows = evaluate(args.data, args.output, predictor, args.strategy, args.references, args.cases,
-                    args.baseline == "registration", args.tune_steps, args.overlays)
+                    args.baseline == "registration", args.tune_steps, args.overlays, args.tuning_cases)
     print((args.output / "summary.md").read_text())
     print(f"{len(rows)} rows; report in {args.output}")

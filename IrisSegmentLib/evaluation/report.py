@@ -86,6 +86,8 @@ def summary_markdown(rows: Sequence[ResultRow], baseline: str | None = None, not
         lines += _class_table(subset, methods, classes, "dice")
         lines += ["", "Mean HD95 in mm:", ""]
         lines += _class_table(subset, methods, classes, "hd95_mm")
+        if len(methods) > 1:
+            lines += ["", *_paired_table(subset, methods)]
         reference = baseline if baseline is not None else max(methods, key=lambda m: timing[dataset, m][0])
         if (dataset, reference) not in timing:
             raise InputError(f"baseline method {reference!r} has no results for {dataset}; methods: {methods}.")
@@ -127,6 +129,29 @@ def _class_table(rows: Sequence[ResultRow], methods: list[str], classes: list[st
     common = [per_method for per_method in means.values() if len(per_method) == len(methods)]
     overall = [f"{np.mean([c[m] for c in common]):.3f}" if common else "n/a" for m in methods]
     lines.append("| **mean over classes** | " + " | ".join(overall) + " |")
+    return lines
+
+
+def _paired_table(rows: Sequence[ResultRow], methods: list[str], resamples: int = 2000) -> list[str]:
+    """Each method against the first, case by case: whether a difference in mean Dice is more than
+    the spread between cases. Per case, the mean Dice over its scored classes; the interval is a
+    95 % percentile bootstrap over cases (seeded, so a report is reproducible)."""
+    first = methods[0]
+    per_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        per_case[r.method][r.case].append(r.dice)
+    lines = [f"Paired against {first} (per case: mean Dice over its scored classes; 95 % bootstrap interval over cases):", "",
+             "| method | cases | mean difference | 95 % interval | cases better / worse |", "|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    for method in methods[1:]:
+        cases = sorted(set(per_case[first]) & set(per_case[method]))
+        if not cases:
+            continue
+        differences = np.array([np.mean(per_case[method][c]) - np.mean(per_case[first][c]) for c in cases])
+        means = differences[rng.integers(0, len(cases), size=(resamples, len(cases)))].mean(1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        lines.append(f"| {method} | {len(cases)} | {differences.mean():+.3f} | {low:+.3f} to {high:+.3f} | "
+                     f"{int((differences > 0).sum())} / {int((differences < 0).sum())} |")
     return lines
 
 

@@ -26,10 +26,12 @@ from ..volume import Volume
 from .calibration import choose_keep_largest, choose_thresholds, dice_by_threshold, island_gains, mask_dice
 from .islands import drop_islands
 from .retrieval import ReferencePool
+from .views import augmented_views
 
 Progress = Callable[[float, str], None] | None
 Cancel = Callable[[], bool] | None
 COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
+TUNING_VIEWS = 2  # fresh augmented views of the corrected scan per tuning step (inference/views.py)
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:
@@ -275,9 +277,12 @@ class IrisPredictor:
         references: list[tuple[Volume, Volume]] = (),
         progress: Progress = None,
         cancel: Cancel = None,
+        views: int = TUNING_VIEWS,
     ) -> TaskEmbedding:
         """In-context tuning: the network stays frozen; only the task embeddings are optimised
-        (Dice + BCE) to reproduce the corrected segmentation of `image`. Returns new embeddings.
+        (Dice + BCE) to reproduce the corrected segmentation of `image` and, at every step, of
+        `views` new augmented views of it, so that they fit the structure rather than this scan's
+        pose and contrast. Returns new embeddings.
 
         `references` are labelled scans the task must still segment, normally those it was encoded
         from. A class whose tuned embedding segments them worse by more than COLLAPSE Dice learned the
@@ -299,6 +304,8 @@ class IrisPredictor:
         corrected.check_matches(image)
         if steps < 1:
             raise InputError("the number of tuning steps must be at least 1.")
+        if views < 0:
+            raise InputError("the number of augmented views must be 0 or more.")
         if not set(present_labels(corrected.array)) & set(task.label_values):
             raise InputError(
                 f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
@@ -307,8 +314,14 @@ class IrisPredictor:
         pixels, grid = self._working_target(image, task.modality or resolve_modality(image.array, None), task.spacing)
         truth = self._truth_on_grid(corrected, grid, task.label_values)
         tiles = windows(grid.shape, self.config.working_size)
-        with torch.no_grad(), _device_memory():
-            features = [self.model.encoder(pixels[(slice(None), *t)][None]) for t in tiles]
+
+        def encoded(scans: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+            """(encoder features, masks) of every window of every (image, masks) scan."""
+            with torch.no_grad():
+                return [(self.model.encoder(p[(slice(None), *t)][None]), m[(slice(None), *t)][None]) for p, m in scans for t in tiles]
+
+        with _device_memory():
+            corrected_windows = encoded([(pixels, truth)])
         tokens = task.tokens.to(self.device, torch.float32).clone().requires_grad_(True)
         if learning_rate is None:
             learning_rate = 0.025 * float(tokens.detach().pow(2).mean().sqrt())
@@ -323,10 +336,8 @@ class IrisPredictor:
                 for step in range(steps):
                     _check_cancel(cancel)
                     optimizer.zero_grad()
-                    loss = sum(
-                        dice_bce_loss(self.model.decoder(f, tokens[None], tuple(truth[(slice(None), *t)].shape[1:])), truth[(slice(None), *t)][None])
-                        for f, t in zip(features, tiles)
-                    ) / len(tiles)
+                    examples = corrected_windows + encoded(augmented_views(pixels, truth, views, seed=step))
+                    loss = sum(dice_bce_loss(self.model.decoder(f, tokens[None], tuple(m.shape[2:])), m) for f, m in examples) / len(examples)
                     loss.backward()
                     optimizer.step()
                     self.tuning_losses.append(float(loss.detach()))
