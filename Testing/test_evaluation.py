@@ -73,15 +73,15 @@ def test_classes_are_scored_separately_and_empty_cases_follow_the_convention() -
     assert dice(np.zeros(shape), np.zeros(shape)) == 1.0
 
 
-def test_scores_of_several_tunings_average_per_class_and_skip_undefined_distances() -> None:
+def test_scores_of_several_tunings_average_per_class_and_keep_undefined_distances_undefined() -> None:
     first = {1: ClassScore(0.8, 2.0), 2: ClassScore(0.0, float("nan"))}
-    second = {1: ClassScore(0.6, 4.0), 2: ClassScore(0.0, float("nan"))}
-    third = {1: ClassScore(0.7, float("nan")), 2: ClassScore(0.3, 5.0)}
-    mean = mean_scores([first, second, third])
-    assert mean[1].dice == pytest.approx(0.7) and mean[1].hd95_mm == pytest.approx(3.0)  # the undefined HD95 is not a 0
-    assert mean[2].dice == pytest.approx(0.1) and mean[2].hd95_mm == pytest.approx(5.0)
-    assert math.isnan(mean_scores([first, second])[2].hd95_mm)
-    assert mean_scores([first]) == first
+    second = {1: ClassScore(0.6, 4.0), 2: ClassScore(0.3, 5.0)}
+    mean = mean_scores([first, second])
+    assert mean[1] == ClassScore(pytest.approx(0.7), pytest.approx(3.0))
+    # one tuning found nothing: its Dice 0 counts, and the HD95 is undefined as for a single failed scoring
+    assert mean[2].dice == pytest.approx(0.15) and math.isnan(mean[2].hd95_mm)
+    single = mean_scores([first])
+    assert single[1] == first[1] and single[2].dice == 0.0 and math.isnan(single[2].hd95_mm)
 
 
 def test_scoring_refuses_label_maps_on_different_grids() -> None:
@@ -316,7 +316,7 @@ def test_overlay_writes_a_png_per_case(tmp_path: Path) -> None:
 
 
 @needs_paths(DATA / "Hippocampus_MRI")
-def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_path: Path) -> None:
+def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_path: Path, capsys) -> None:
     from engine_fixtures import random_model
 
     from IrisSegmentLib.evaluation.evaluate import evaluate
@@ -339,8 +339,30 @@ def test_evaluate_scores_model_and_registration_on_the_same_held_out_cases(tmp_p
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "speed-up vs registration" in summary and "one-time seconds" in summary
     assert "Ensemble calibrated on the references: " in summary  # what calibration chose is on record
-    tuned_on = re.findall(r"Tuned on (\S+);", summary)  # tuned separately on each corrected case, none held out
-    assert len(set(tuned_on)) == 2 and not set(tuned_on) & set(load_split()["Hippocampus_MRI"])
+    references = re.search(r"references \[(.*?)\]", capsys.readouterr().out).group(1).replace("'", "").split(", ")
+    tuned_on = re.findall(r"Tuned on (\S+);", summary)  # tuned separately on each corrected case: no reference, none held out
+    assert len(references) == 2 and len(set(tuned_on)) == 2
+    assert not set(tuned_on) & (set(load_split()["Hippocampus_MRI"]) | set(references))
     assert "mean over the 2 tunings" in summary and all(f"{case} 0." in summary for case in tuned_on)
+    assert "Paired against one-shot" in summary
     assert (tmp_path / "report" / "dice_per_class.png").is_file()
     assert (tmp_path / "report" / f"overlay_{heldout[0]}.png").is_file()
+
+
+@needs_paths(DATA / "Hippocampus_MRI")
+def test_evaluate_with_one_reference_tunes_on_other_cases_and_refuses_none(tmp_path: Path, capsys) -> None:
+    from engine_fixtures import random_model
+
+    from IrisSegmentLib.evaluation.evaluate import evaluate
+    from IrisSegmentLib.inference.predictor import IrisPredictor
+
+    predictor = IrisPredictor(random_model(0))
+    evaluate(DATA / "Hippocampus_MRI", tmp_path / "report", predictor, ["one-shot", "tune"], references=1, cases=1,
+             baseline=False, tune_steps=1, overlays=0, tuning_cases=1)
+    reference = re.search(r"references \['(.*?)'\]", capsys.readouterr().out).group(1)
+    tuned_on = re.findall(r"Tuned on (\S+);", (tmp_path / "report" / "summary.md").read_text())
+    assert len(tuned_on) == 1 and tuned_on[0] != reference
+    with pytest.raises(InputError, match="at least one reference"):
+        evaluate(DATA / "Hippocampus_MRI", tmp_path / "none", predictor, ["one-shot"], references=0)
+    with pytest.raises(InputError, match="tuning-cases"):
+        evaluate(DATA / "Hippocampus_MRI", tmp_path / "none", predictor, ["tune"], tuning_cases=0)

@@ -4,7 +4,8 @@ Tuning optimises only the task embeddings (network frozen) on one corrected case
 encodes the evaluation reference of a dataset (as `iris-segment evaluate` picks it), tunes its
 embeddings on the next training case for each (learning rate, steps) setting, and scores the tuned
 embeddings on held-out cases, beside the untuned one-shot. It is how the predictor's default
-tuning settings were chosen.
+tuning settings were chosen. Tuning runs without augmented views (views=0), as when the step size
+was chosen; the views were added later (inference/views.py).
 
     python benchmarks/tuning.py --data ../shared/data/Hippocampus_MRI [--cases 20] [--threads 2]
 """
@@ -53,7 +54,7 @@ def main() -> None:
     for steps in args.steps:
         for lr in args.lrs:
             start = time.perf_counter()
-            tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr)
+            tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr, views=0)
             seconds = time.perf_counter() - start
             rows.append({"lr": lr, "steps": steps, "dice": mean_dice(predictor, tuned, targets), "tune_seconds": seconds,
                          "final_loss": predictor.tuning_losses[-1], "first_loss": predictor.tuning_losses[0]})

@@ -9,9 +9,10 @@ plot and a few slice overlays.
 Strategies: one-shot (first reference), ensemble (all K, thresholds and island removal calibrated
 leave-one-out on them), retrieval (pool of K, top-1 per class),
 tune (one-shot embeddings tuned on one more training case whose labels stand in for a clinician's
-correction; never on a held-out case). One corrected case is one draw of a patient and an annotator,
-so tuning is repeated separately on `tuning_cases` such cases and its scores are their mean: the
-gain to expect from tuning on one corrected case. A model's seconds per case are its segmentation time plus
+correction; never on a held-out case). One corrected case is one patient and one annotator, so
+tuning is repeated separately on `tuning_cases` of them (the training cases with the most classes
+after the references) and its scores are the mean over these tunings; the overlays show the first.
+A model's seconds per case are its segmentation time plus
 its one-time work (encoding the references, tuning) shared out over the evaluated cases, as when
 one reference serves a series of scans; the summary lists the one-time seconds themselves.
 Each case is scored on the classes its truth holds.
@@ -76,13 +77,15 @@ def evaluate(
     heldout, training = heldout_and_training(dataset)
     if cases:
         heldout = heldout[:cases]
+    if references < 1:
+        raise InputError("at least one reference case is needed: set --references to 1 or more.")
     if "tune" in strategies and tuning_cases < 1:
         raise InputError("tuning needs at least one corrected case: set --tuning-cases to 1 or more.")
-    need = max(references, 1) + (tuning_cases if "tune" in strategies else 0)
+    need = references + (tuning_cases if "tune" in strategies else 0)
     if len(training) < need:
         raise InputError(f"{dataset.name}: {len(training)} training cases, {need} needed for {references} reference(s) and the strategies asked.")
     chosen = pick_references(dataset, training, need)
-    ref_ids, tune_ids = chosen[:references], chosen[max(references, 1):]
+    ref_ids, tune_ids = chosen[:references], chosen[references:]
     print(f"{dataset.name}: references {ref_ids}; {len(heldout)} held-out targets" + (f"; tuning cases {tune_ids}" if tune_ids else ""))
     refs = [read_case(dataset.case(i)) for i in ref_ids]
     tasks, encode_seconds = [], []
@@ -90,7 +93,7 @@ def evaluate(
         start = time.perf_counter()
         tasks.append(predictor.encode_reference(image, labels))
         encode_seconds.append(time.perf_counter() - start)
-    # method -> (tasks whose scores are averaged (a list of tasks: retrieval from that pool), one-time seconds)
+    # method -> (alternatives whose scores are averaged, each a task or a retrieval pool (a list); one-time seconds)
     plans: dict[str, tuple[list, float]] = {}
     notes: list[str] = []
     if "one-shot" in strategies:
@@ -117,7 +120,7 @@ def evaluate(
     rows: list[ResultRow] = []
     output.mkdir(parents=True, exist_ok=True)
     share = 1 / max(1, len(heldout))
-    dice_by_alternative: dict[str, list[list[float]]] = {m: [[] for _ in alternatives] for m, (alternatives, _) in plans.items()}
+    dice_by_alternative: dict[str, list[list[float]]] = {m: [[] for _ in alternatives] for m, (alternatives, _) in plans.items()}  # for the tuning note
     for n, case_id in enumerate(heldout):
         image, truth = read_case(dataset.case(case_id))
         classes = classes_to_score(truth, tasks[0].label_values)

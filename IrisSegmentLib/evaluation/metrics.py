@@ -87,12 +87,10 @@ def score_labels(prediction: Volume, truth: Volume, classes: Iterable[int] | Non
 
 
 def mean_scores(alternatives: Sequence[dict[int, ClassScore]]) -> dict[int, ClassScore]:
-    """Per class, the mean of several scorings of one case (one per tuned task, say): Dice always,
-    HD95 over the scorings where it is defined (NaN if none)."""
-    if len(alternatives) == 1:
-        return alternatives[0]
-    means = {}
-    for value in alternatives[0]:
-        distances = [s[value].hd95_mm for s in alternatives if not np.isnan(s[value].hd95_mm)]
-        means[value] = ClassScore(float(np.mean([s[value].dice for s in alternatives])), float(np.mean(distances)) if distances else float("nan"))
-    return means
+    """Per class, the mean of several scorings of one case (one per tuned task, say). HD95 is
+    undefined (NaN) if it is in any of them, so that a report counts the failure as it would for a
+    single scoring rather than averaging it away."""
+    return {
+        value: ClassScore(float(np.mean([s[value].dice for s in alternatives])), float(np.mean([s[value].hd95_mm for s in alternatives])))
+        for value in alternatives[0]
+    }

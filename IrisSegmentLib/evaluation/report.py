@@ -142,13 +142,13 @@ def _paired_table(rows: Sequence[ResultRow], methods: list[str], resamples: int 
         per_case[r.method][r.case].append(r.dice)
     lines = [f"Paired against {first} (per case: mean Dice over its scored classes; 95 % bootstrap interval over cases):", "",
              "| method | cases | mean difference | 95 % interval | cases better / worse |", "|---|---|---|---|---|"]
-    rng = np.random.default_rng(0)
     for method in methods[1:]:
         cases = sorted(set(per_case[first]) & set(per_case[method]))
         if not cases:
             continue
         differences = np.array([np.mean(per_case[method][c]) - np.mean(per_case[first][c]) for c in cases])
-        means = differences[rng.integers(0, len(cases), size=(resamples, len(cases)))].mean(1)
+        resampled = np.random.default_rng(0).integers(0, len(cases), size=(resamples, len(cases)))  # per method: rows don't depend on each other
+        means = differences[resampled].mean(1)
         low, high = np.percentile(means, [2.5, 97.5])
         lines.append(f"| {method} | {len(cases)} | {differences.mean():+.3f} | {low:+.3f} to {high:+.3f} | "
                      f"{int((differences > 0).sum())} / {int((differences < 0).sum())} |")

@@ -281,8 +281,9 @@ class IrisPredictor:
     ) -> TaskEmbedding:
         """In-context tuning: the network stays frozen; only the task embeddings are optimised
         (Dice + BCE) to reproduce the corrected segmentation of `image` and, at every step, of
-        `views` new augmented views of it, so that they fit the structure rather than this scan's
-        pose and contrast. Returns new embeddings.
+        `views` new augmented views of it (inference/views.py), meant to fit the structure more than
+        this scan's pose and brightness; each view costs one more encoder and decoder pass per step.
+        Returns new embeddings.
 
         `references` are labelled scans the task must still segment, normally those it was encoded
         from. A class whose tuned embedding segments them worse by more than COLLAPSE Dice learned the
@@ -337,10 +338,14 @@ class IrisPredictor:
                     _check_cancel(cancel)
                     optimizer.zero_grad()
                     examples = corrected_windows + encoded(augmented_views(pixels, truth, views, seed=step))
-                    loss = sum(dice_bce_loss(self.model.decoder(f, tokens[None], tuple(m.shape[2:])), m) for f, m in examples) / len(examples)
-                    loss.backward()
+                    loss = 0.0
+                    for features, masks in examples:  # one decoder graph alive at a time; gradients add up
+                        part = dice_bce_loss(self.model.decoder(features, tokens[None], tuple(masks.shape[2:])), masks) / len(examples)
+                        part.backward()
+                        loss += float(part.detach())
+                    del examples
                     optimizer.step()
-                    self.tuning_losses.append(float(loss.detach()))
+                    self.tuning_losses.append(loss)
                     _report(progress, 0.9 * (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
         finally:
             for p, flag in zip(self.model.parameters(), frozen):
