@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the model card's evaluation: the bundled model (one-shot, 3-reference ensemble, tuning on
-# one corrected case) against the registration baseline on the held-out cases of three development
-# sets. Needs ../shared/data; writes reports/<dataset>/ (CSV, summary.md, plots).
+# one corrected case, repeated on 3 such cases and averaged) against the registration baseline on the
+# held-out cases of three development sets. Needs ../shared/data; writes reports/<dataset>/ (CSV, summary.md, plots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
