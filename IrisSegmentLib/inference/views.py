@@ -4,10 +4,12 @@ the structure more than the one scan's pose and brightness.
 Tuned on the corrected scan alone, the embeddings also fit its exact pose and contrast, which the
 next patient does not share. Tuning therefore also sees, at every step, new views of the scan:
 rotated, uniformly scaled and shifted (ranges of the training's spatial augmentation) with its
-brightness varied. Measured on 20 validation cases per set, mean over separate tunings on
-different corrected cases, against one-shot: OpenKBP head and neck -0.009 Dice without views,
--0.004 with two views per step (5 tuning cases); Hippocampus +0.017 -> +0.018 (3 cases). Plain
-torch: tuning runs inside Slicer.
+brightness varied. Chosen on 20 validation cases per set (mean over separate tunings on different
+corrected cases, against one-shot): OpenKBP head and neck -0.009 Dice without views, -0.004 with
+two per step (5 tuning cases); Hippocampus +0.017 -> +0.018 (3). On the held-out cases (mean of 3
+tunings): HeadNeck 0.549 -> 0.553, Hippocampus 0.825 -> 0.826, Abdomen 0.855 either way. A small
+gain, not a fix: tuning on one patient still does not help HeadNeck (Resources/MODEL_CARD.md).
+Plain torch: tuning runs inside Slicer.
 """
 from __future__ import annotations
 
