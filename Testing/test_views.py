@@ -1,6 +1,6 @@
 """Augmented views of a corrected scan for in-context tuning: the masks must move with the image,
-the motion must be rigid in millimetres on any grid shape, and the same correction must tune to the
-same embeddings."""
+the motion must keep shapes in millimetres (no shear) on any grid shape, and the same correction
+must tune to the same embeddings."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +47,7 @@ def test_masks_move_with_the_image_and_stay_binary():
         assert 2 * (masks[0] * bar).sum() / (masks[0].sum() + bar.sum()) < 0.95, "every view moves the bar"
 
 
-def test_views_are_rigid_in_millimetres_whatever_the_grid_shape():
+def test_views_keep_shapes_in_millimetres_whatever_the_grid_shape():
     """A ball stays a ball on a grid three times longer on one axis than on another: rotations and
     scaling act on voxels (isotropic millimetres), not on each axis's own [-1, 1] range."""
     ball = _ball(SHAPE, 9)
