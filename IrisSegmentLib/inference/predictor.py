@@ -386,16 +386,15 @@ class IrisPredictor:
         classes = len(task.label_values)
         scores: dict[int, list[float]] = {}
         confusion = torch.zeros(classes, classes)
+        row_of_value = torch.full((max(task.label_values) + 1,), classes, dtype=torch.long)  # background: K
+        row_of_value[torch.tensor(task.label_values)] = torch.arange(classes)
         for image, labels in references:
             _check_cancel(cancel)
             rows = self._classes_in(task, labels)
             if not rows:
                 continue
             probabilities, grid = self.probabilities(image, task)
-            predicted = torch.from_numpy(self._label_map(task, probabilities, grid, grid))
-            row_of_voxel = torch.full((max(task.label_values) + 1,), classes, dtype=torch.long)  # background: K
-            row_of_voxel[torch.tensor(task.label_values)] = torch.arange(classes)
-            row_of_voxel = row_of_voxel[predicted]
+            row_of_voxel = row_of_value[torch.from_numpy(self._label_map(task, probabilities, grid, grid))]
             truth = self._truth_on_grid(labels, grid, [v for _, v in rows]).bool().cpu()
             for n, (row, _) in enumerate(rows):
                 scores.setdefault(row, []).append(mask_dice(row_of_voxel == row, truth[n]))
