@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--labels", required=True, help="its corrected label map")
     tune.add_argument("--output", required=True, help="tuned task file to write")
     tune.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
-                      help="a scan the task was encoded from; a class that tuning makes segment it worse stays untuned (repeat for several)")
+                      help="a scan the task was encoded from: the corrected scan's context is calibrated with the first, and a class "
+                           "that tuning makes segment one worse stays untuned (repeat for several; strongly advised)")
     tune.add_argument("--steps", type=int, default=30)
     tune.add_argument("--overwrite", action="store_true")
     model_options(tune)

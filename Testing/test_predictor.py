@@ -7,6 +7,8 @@ A random network segments nothing meaningful, so these tests check the machinery
 optimisation), never accuracy."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -107,10 +109,34 @@ def test_tuning_changes_only_the_task_embedding_and_fits_the_correction(predicto
     assert dice(after.array, corrected.array, 2) > dice(before.array, corrected.array, 2) + 0.05
 
 
+def test_tuning_starts_from_the_context_joined_by_the_corrected_scan(predictor):
+    """With a zero step size, tuning returns its starting point: per class the mean of the reference's
+    and the corrected scan's embeddings, counted as two references; a class the corrected scan lacks
+    keeps the reference's embedding; without a reference to calibrate the pair on, the task's island
+    rules stay (thresholds return to 0.5, as for any tuned class); the sources name the corrected scan."""
+    reference, (image, labels) = case("001"), case("003")
+    task = replace(predictor.encode_reference(*reference), thresholds=[0.3, 0.6], keep_largest=[True, False])
+    anterior_only = Volume(np.where(labels.array == 1, 1, 0).astype(np.uint8), labels.affine, "corrected 003", {})
+    named = Volume(anterior_only.array, labels.affine, "corrected 003", {1: task.segments[1]})  # unnamed, it joins all the same
+    scan = predictor.encode_reference(image, named, classes=[1], modality=task.modality)
+
+    started = predictor.tune(task, image, anterior_only, steps=1, learning_rate=0.0, views=0)
+
+    assert started.label_values == task.label_values and started.counts == [2, 1]
+    torch.testing.assert_close(started.tokens[0], (task.tokens[0] + scan.tokens[0]) / 2, rtol=0, atol=1e-5)
+    assert torch.equal(started.tokens[1], task.tokens[1])
+    assert started.thresholds == [0.5, 0.5] and started.keep_largest == [True, False]  # tuned: back to 0.5; pieces stay
+    assert started.spacing == TaskEmbedding.ensemble([task, scan]).spacing
+    assert "corrected 003" in started.sources
+    alone = predictor.tune(task, image, anterior_only, steps=1, learning_rate=0.0, views=0, join_context=False)
+    assert torch.equal(alone.tokens, task.tokens) and alone.counts == [1, 1]
+
+
 def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predictor, monkeypatch):
     """The network is replaced, for the reference check only, by maps that follow the truth while a
     class keeps its untuned embedding; a tuned posterior embedding segments nothing (a collapse), a tuned
-    anterior one still segments it. Only the posterior class must be reverted."""
+    anterior one still segments it. Only the posterior class must be reverted. The corrected scan is
+    not joined to the context here, so that 'untuned' is the reference's own embedding."""
     reference, corrected = case("001"), case("003")
     task = predictor.encode_reference(*reference)
     original = dict(zip(task.class_names, task.tokens))
@@ -125,12 +151,12 @@ def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predi
         return torch.stack([torch.zeros_like(m) if c else 0.9 * m for m, c in zip(truth, collapsed)]), grid
 
     monkeypatch.setattr(predictor, "probabilities", probabilities)
-    tuned = predictor.tune(task, *corrected, steps=3, references=[reference])
+    tuned = predictor.tune(task, *corrected, steps=3, references=[reference], join_context=False)
     assert predictor.tuning_untuned == [CLASS_NAMES[2]]
     assert torch.equal(tuned.tokens[1], task.tokens[1]) and not torch.equal(tuned.tokens[0], task.tokens[0])
     assert "untuned: " + CLASS_NAMES[2] in tuned.sources[-1]
 
-    unchecked = predictor.tune(task, *corrected, steps=3)
+    unchecked = predictor.tune(task, *corrected, steps=3, join_context=False)
     assert predictor.tuning_untuned == [] and not torch.equal(unchecked.tokens[1], task.tokens[1])
 
 
@@ -166,7 +192,7 @@ def test_a_tuned_class_that_takes_a_neighbours_voxels_stays_untuned(predictor, m
         return torch.stack([0.9 * anterior, 0.9 * posterior]), grid
 
     monkeypatch.setattr(predictor, "probabilities", probabilities)
-    tuned = predictor.tune(task, *corrected, steps=3, references=[reference])
+    tuned = predictor.tune(task, *corrected, steps=3, references=[reference], join_context=False)
     assert predictor.tuning_untuned == [CLASS_NAMES[1], CLASS_NAMES[2]]
     assert torch.equal(tuned.tokens, task.tokens)
 

@@ -296,6 +296,41 @@ def test_correct_tune_resegment_improves_the_corrected_case_and_undo_restores(he
         logic.undo()
 
 
+def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) -> None:
+    """Tune adds the corrected scan to the task's context, for the classes it holds. Pressed again on
+    the same result after more corrections (or after undoing the second Tune), it must start over from
+    the task before the first Tune, not add the scan twice; a result in another node is another
+    corrected scan, and joins too."""
+    reference = Reference(head_neck.reference, head_neck.reference_segmentation)
+    output, _ = _run(logic.start_segment(head_neck.target, [reference]))
+    _paint(output, "Body", head_neck.target_body, head_neck.target)
+    untuned = logic.task
+    body = untuned.class_names.index("Body")
+
+    def added(task, since) -> list[int]:
+        return [after - before for after, before in zip(task.counts, since.counts)]
+
+    _run(logic.start_tune(head_neck.target, output, steps=1))
+    once = logic.task
+    assert set(added(once, untuned)) <= {0, 1} and added(once, untuned)[body] == 1
+
+    _paint(output, "Body", head_neck.target_body, head_neck.target)
+    _run(logic.start_tune(head_neck.target, output, steps=1))
+    again = logic.task
+    assert set(added(again, untuned)) <= {0, 1} and added(again, untuned)[body] == 1  # (a class the new result lacks: 0)
+    assert len(again.sources) == len(once.sources)
+    logic.undo()  # back to the first Tune's result, which Tune must still recognise
+    assert logic.task is once
+    _run(logic.start_tune(head_neck.target, output, steps=1))
+    assert set(added(logic.task, untuned)) <= {0, 1}
+    again = logic.task
+
+    other, _ = _run(logic.start_segment(head_neck.target, [reference]))  # the tuned task, into a new node
+    _paint(other, "Body", head_neck.target_body, head_neck.target)
+    _run(logic.start_tune(head_neck.target, other, steps=1))
+    assert added(logic.task, again)[body] == 1
+
+
 def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, logic, tmp_path: Path) -> None:
     reference = Reference(head_neck.reference, head_neck.reference_segmentation)
     output, _ = _run(logic.start_segment(head_neck.target, [reference]))

@@ -4,8 +4,9 @@ Tuning optimises only the task embeddings (network frozen) on one corrected case
 encodes the evaluation reference of a dataset (as `iris-segment evaluate` picks it), tunes its
 embeddings on the next training case for each (learning rate, steps) setting, and scores the tuned
 embeddings on held-out cases, beside the untuned one-shot. It is how the predictor's default
-tuning settings were chosen. Tuning runs without augmented views (views=0), as when the step size
-was chosen; the views were added later (inference/views.py).
+tuning settings were chosen. Tuning runs as when the step size was chosen: without augmented views
+(views=0) and from the reference's embeddings alone (join_context=False); the views and the
+corrected scan joining the context came later (IrisPredictor.tune).
 
     python benchmarks/tuning.py --data ../shared/data/Hippocampus_MRI [--cases 20] [--threads 2]
 """
@@ -54,7 +55,7 @@ def main() -> None:
     for steps in args.steps:
         for lr in args.lrs:
             start = time.perf_counter()
-            tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr, views=0)
+            tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr, views=0, join_context=False)
             seconds = time.perf_counter() - start
             rows.append({"lr": lr, "steps": steps, "dice": mean_dice(predictor, tuned, targets), "tune_seconds": seconds,
                          "final_loss": predictor.tuning_losses[-1], "first_loss": predictor.tuning_losses[0]})

@@ -44,6 +44,7 @@ class _UndoState:
     task: TaskEmbedding | None
     task_key: tuple | None
     task_references: list[Reference]
+    last_tune: tuple | None
 
 
 class _ClassValues:
@@ -117,6 +118,7 @@ class IrisSceneLogic:
         self._task_key: tuple | None = None  # the sources and strategy it came from
         self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
         self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
+        self._last_tune: tuple[tuple[str, str], TaskEmbedding, TaskEmbedding] | None = None  # (target, output) IDs, task tuned, result
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
         self._job: Job | None = None
@@ -237,7 +239,11 @@ class IrisSceneLogic:
     # ------------------------------------------------------------------ tune and undo
     def start_tune(self, target, output, steps: int = 30, allow_modality_mismatch: bool = False) -> Job:
         """Tune the current task on `output` as corrected by the user (the truth), then segment `target`
-        again into `output`. Undo brings back the corrected segmentation and the untuned task."""
+        again into `output`. Undo brings back the corrected segmentation and the untuned task.
+
+        The corrected scan joins the task's context (IrisPredictor.tune), so Tune pressed again on the
+        same result, after more corrections, starts over from the task the first Tune started from:
+        the scan then counts once, with its latest corrections."""
         self._check_idle()
         if self.task is None:
             raise InputError("Segment first: Tune improves the task behind the last result, using your corrections of that result.")
@@ -245,7 +251,9 @@ class IrisSceneLogic:
             raise InputError("the number of tuning steps must be at least 1.")
         image = scene_bridge.volume_from_node(target, "target")
         scene_bridge.check_segmentation(output, "output")
-        task = self.task
+        scan = (target.GetID(), output.GetID())
+        retune = self._last_tune is not None and self._last_tune[0] == scan and self._last_tune[2] is self.task
+        task = self._last_tune[1] if retune else self.task
         values = {class_key(v, task.segments.get(v, {})): v for v in task.label_values}
         corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(class_key(0, s)), allow_empty=True)
         references = self._reference_volumes(self._task_references, _ClassValues([task]))
@@ -258,7 +266,7 @@ class IrisSceneLogic:
         def finish(value: tuple[TaskEmbedding, Volume, list[str]]):
             tuned, result, untuned = value
             node = self._write(result, target, output)
-            self.task, self.untuned = tuned, untuned
+            self.task, self.untuned, self._last_tune = tuned, untuned, (scan, task, tuned)
             return node
 
         return self._submit("Tuning", work, finish)
@@ -289,7 +297,7 @@ class IrisSceneLogic:
             self._undo.clear()
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
         scene_bridge.restore(state.node, state.content)
-        self.task, self._task_key, self._task_references = state.task, state.task_key, state.task_references
+        self.task, self._task_key, self._task_references, self._last_tune = state.task, state.task_key, state.task_references, state.last_tune
         return state.node
 
     # ------------------------------------------------------------------ task files
@@ -364,7 +372,7 @@ class IrisSceneLogic:
                 scene_bridge.remove_node(node)
                 raise
             return node
-        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references)
+        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._last_tune)
         try:
             scene_bridge.write_segments(result, output, target)
         except BaseException:
