@@ -113,11 +113,12 @@ def test_tuning_starts_from_the_context_joined_by_the_corrected_scan(predictor):
     """With a zero step size, tuning returns its starting point: per class the mean of the reference's
     and the corrected scan's embeddings, counted as two references; a class the corrected scan lacks
     keeps the reference's embedding; without a reference to calibrate the pair on, the task's island
-    rules stay (thresholds return to 0.5, as for any tuned class); the sources name the corrected scan."""
+    rules stay; the sources name the corrected scan. With one, a class the task already averages over
+    several references keeps its calibrated island rule."""
     reference, (image, labels) = case("001"), case("003")
     task = replace(predictor.encode_reference(*reference), thresholds=[0.3, 0.6], keep_largest=[True, False])
     anterior_only = Volume(np.where(labels.array == 1, 1, 0).astype(np.uint8), labels.affine, "corrected 003", {})
-    named = Volume(anterior_only.array, labels.affine, "corrected 003", {1: task.segments[1]})  # unnamed, it joins all the same
+    named = Volume(anterior_only.array, labels.affine, "corrected 003", {1: task.segments[1]})  # to compare with: the scan named as the task
     scan = predictor.encode_reference(image, named, classes=[1], modality=task.modality)
 
     started = predictor.tune(task, image, anterior_only, steps=1, learning_rate=0.0, views=0)
@@ -125,11 +126,16 @@ def test_tuning_starts_from_the_context_joined_by_the_corrected_scan(predictor):
     assert started.label_values == task.label_values and started.counts == [2, 1]
     torch.testing.assert_close(started.tokens[0], (task.tokens[0] + scan.tokens[0]) / 2, rtol=0, atol=1e-5)
     assert torch.equal(started.tokens[1], task.tokens[1])
-    assert started.thresholds == [0.5, 0.5] and started.keep_largest == [True, False]  # tuned: back to 0.5; pieces stay
-    assert started.spacing == TaskEmbedding.ensemble([task, scan]).spacing
+    assert started.keep_largest == [True, False]
+    assert started.spacing == min(task.spacing, scan.spacing)  # the finer of the two, as for any ensemble of two
     assert "corrected 003" in started.sources
     alone = predictor.tune(task, image, anterior_only, steps=1, learning_rate=0.0, views=0, join_context=False)
     assert torch.equal(alone.tokens, task.tokens) and alone.counts == [1, 1]
+
+    second = predictor.encode_reference(*case("004"))
+    pair = replace(TaskEmbedding.ensemble([task, second]), keep_largest=[True, True])  # as calibrated on two references
+    calibrated = predictor.tune(pair, image, anterior_only, steps=1, learning_rate=0.0, views=0, references=[reference, case("004")])
+    assert calibrated.counts == [3, 2] and calibrated.keep_largest == [True, True]
 
 
 def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predictor, monkeypatch):

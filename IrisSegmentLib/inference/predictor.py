@@ -396,15 +396,26 @@ class IrisPredictor:
         """`task` with the corrected scan averaged in as one more reference of the task's classes it
         holds, named as in the task. With a reference at hand the pair is calibrated as any context
         ensemble is (thresholds and island rules, leave-one-out: the reference segmented with the
-        scan's embeddings and the scan with the task's); without one the task's rules stay."""
+        scan's embeddings and the scan with the task's), except for classes the task already averages
+        over several references, which keep their calibration; without one the task's island rules
+        stay. The working spacing becomes the finer of the two, as for any ensemble of two (what was
+        validated). Classes whose names the scan cannot be matched by (two classes of one name) are
+        not joined; the sources say so."""
         present = set(present_labels(corrected.array))
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         _report(progress, 0.0, "adding the corrected scan to the task's context")
         scan = self.encode_reference(image, named, classes=values, modality=task.modality or None, cancel=cancel)
-        if references:
-            return self.calibrated_ensemble([task, scan], [references[0], (image, named)], cancel=cancel)
-        return replace(TaskEmbedding.ensemble([task, scan]), thresholds=list(task.thresholds), keep_largest=list(task.keep_largest))
+        keys = task.class_keys()
+        if scan.class_keys() != [keys[task.label_values.index(v)] for v in values]:
+            return replace(task, sources=[*task.sources, f"{corrected.name or 'the corrected case'} not joined: its classes do not match the task's by name"])
+        if not references:
+            return replace(TaskEmbedding.ensemble([task, scan]), keep_largest=list(task.keep_largest))
+        joined = self.calibrated_ensemble([task, scan], [references[0], (image, named)], cancel=cancel)
+        several = [row for row, count in enumerate(task.counts) if count > 1]
+        for row in several:
+            joined.thresholds[row], joined.keep_largest[row] = task.thresholds[row], task.keep_largest[row]
+        return joined
 
     @staticmethod
     def _thief(row: int, gained: torch.Tensor, untuned: list[int]) -> int | None:
