@@ -399,8 +399,8 @@ class IrisPredictor:
         scan's embeddings and the scan with the task's), except for classes the task already averages
         over several references, which keep their calibration; without one the task's island rules
         stay. The working spacing becomes the finer of the two, as for any ensemble of two (what was
-        validated). Classes whose names the scan cannot be matched by (two classes of one name) are
-        not joined; the sources say so."""
+        validated). A scan whose classes cannot be matched to the task's by name (two classes of one
+        name) is not joined, and the sources say so."""
         present = set(present_labels(corrected.array))
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
