@@ -11,9 +11,9 @@ leave-one-out on them), retrieval (pool of K, top-1 per class),
 tune (one-shot embeddings tuned on one more training case whose labels stand in for a clinician's
 correction, never a held-out case: the case joins the context, calibrated with the first
 reference, and the embeddings are optimised from there; IrisPredictor.tune). One corrected case is
-one patient and one annotator, so tuning is repeated separately on `tuning_cases` of them (the training cases with the most classes
-after the references) and its scores are the mean over these tunings; the overlays show the first.
-A model's seconds per case are its segmentation time plus
+one patient and one annotator, so tuning is repeated separately on `tuning_cases` of them (the
+training cases with the most classes after the references) and its scores are the mean over these
+tunings; the overlays show the first. A model's seconds per case are its segmentation time plus
 its one-time work (encoding the references, tuning) shared out over the evaluated cases, as when
 one reference serves a series of scans; the summary lists the one-time seconds themselves.
 Each case is scored on the classes its truth holds.
