@@ -8,7 +8,8 @@ brightness varied. Chosen on 20 validation cases per set (mean over separate tun
 corrected cases, against one-shot): OpenKBP head and neck -0.009 Dice without views, -0.004 with
 two per step (5 tuning cases); Hippocampus +0.017 -> +0.018 (3). On the held-out cases (mean of 3
 tunings): HeadNeck 0.549 -> 0.553, Hippocampus 0.825 -> 0.826, Abdomen 0.855 either way. A small
-gain, not a fix: tuning on one patient still does not help HeadNeck (Resources/MODEL_CARD.md).
+gain on its own (measured before tuning started from the joined context, which is what made tuning
+on one patient help HeadNeck: IrisPredictor.tune, Resources/MODEL_CARD.md).
 Plain torch: tuning runs inside Slicer.
 """
 from __future__ import annotations
