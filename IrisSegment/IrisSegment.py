@@ -56,7 +56,7 @@ class IrisSegmentParameterNode:
     targetVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     allowModalityMismatch: bool = False
-    tuneSteps: Annotated[int, WithinRange(1, 1000)] = 30
+    tuneSteps: Annotated[int, WithinRange(1, 1000)] = 10  # the engine's default (TUNING_STEPS in IrisSegmentLib.inference.predictor)
     strategy: str = "one-shot"
     device: str = "auto"
     weights: str = ""  # empty: the bundled model

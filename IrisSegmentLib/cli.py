@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                       help="a scan the task was encoded from: the corrected scan's context is calibrated with the first, and a class "
                            "that tuning makes segment one worse stays untuned (repeat for several; strongly advised)")
-    tune.add_argument("--steps", type=int, default=30)
+    tune.add_argument("--steps", type=int, help="optimiser steps (default: the engine's, 10)")
     tune.add_argument("--overwrite", action="store_true")
     model_options(tune)
     tune.set_defaults(func=cmd_tune)
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--strategy", nargs="+", choices=("one-shot", "ensemble", "retrieval", "tune"), default=["one-shot"])
     evaluate.add_argument("--baseline", choices=["registration", "none"], default="registration")
     evaluate.add_argument("--cases", type=int, help="only the first N held-out cases")
-    evaluate.add_argument("--tune-steps", type=int, default=30)
+    evaluate.add_argument("--tune-steps", type=int, help="optimiser steps of each tuning (default: the engine's, 10)")
     evaluate.add_argument("--tuning-cases", type=int, default=3,
                           help="tune separately on each of N corrected training cases and report the mean (one case is one draw)")
     evaluate.add_argument("--overlays", type=int, default=3, help="slice overlays for the first N cases")

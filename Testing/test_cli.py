@@ -15,6 +15,7 @@ import torch
 from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path, require_data, weights_file  # noqa: F401
 from IrisSegmentLib.cli import main
 from IrisSegmentLib.embeddings import TaskEmbedding
+from IrisSegmentLib.inference.predictor import TUNING_STEPS
 from IrisSegmentLib.io import read_image, read_label_map, write_image, write_label_map
 from IrisSegmentLib.model.weights import load_model
 from IrisSegmentLib.volume import Volume
@@ -144,9 +145,9 @@ def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
     task_path = tmp_path / "task.safetensors"
     ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
     tuned_path = tmp_path / "tuned.safetensors"
-    out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--steps", 3,
+    out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"],
              "--reference", files["image1"], files["labels1"], "--output", tuned_path, "--weights", weights_file)
-    assert "over 3 steps" in out
+    assert f"over {TUNING_STEPS} steps" in out  # without --steps, the engine's default
     task, tuned = TaskEmbedding.load(task_path), TaskEmbedding.load(tuned_path)
     assert tuned.label_values == task.label_values and tuned.class_names == task.class_names and tuned.model_id == task.model_id
     assert not torch.equal(tuned.tokens, task.tokens)

@@ -72,7 +72,7 @@ def mean_dice(predictor, task: TaskEmbedding, cases: list[tuple[Volume, Volume]]
 
 def evaluate(
     data: Path, output: Path, predictor, strategies: list[str], references: int = 1, cases: int | None = None,
-    baseline: bool = True, tune_steps: int = 30, overlays: int = 3, tuning_cases: int = 3,
+    baseline: bool = True, tune_steps: int | None = None, overlays: int = 3, tuning_cases: int = 3,
 ) -> list[ResultRow]:
     dataset = load_dataset(data)
     heldout, training = heldout_and_training(dataset)

@@ -32,6 +32,7 @@ Progress = Callable[[float, str], None] | None
 Cancel = Callable[[], bool] | None
 COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
 TUNING_VIEWS = 2  # fresh augmented views of the corrected scan per tuning step (inference/views.py)
+TUNING_STEPS = 10  # optimiser steps of Tune; why 10 and not more: IrisPredictor.tune
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:
@@ -272,7 +273,7 @@ class IrisPredictor:
         task: TaskEmbedding,
         image: Volume,
         corrected: Volume,
-        steps: int = 30,
+        steps: int | None = None,
         learning_rate: float | None = None,
         references: list[tuple[Volume, Volume]] = (),
         progress: Progress = None,
@@ -294,6 +295,12 @@ class IrisPredictor:
         (4 cases) the same two gave -0.002 and +0.004. On Hippocampus, where one-shot under-segments
         every patient alike, the optimising is what helps (step 7,000: +0.017 from the reference
         alone, +0.000 from the uncalibrated pair without optimising).
+
+        `steps` (default TUNING_STEPS, 10): from the joined context, each further step fits the
+        corrected patient more and the next patients less. On the same validation cases at step 9,000
+        (calibrated pair; mean Dice gained over one-shot, 10 steps against 30): HeadNeck +0.013 against
+        +0.011 (5 corrected patients), Hippocampus +0.017 against +0.016 (5), Abdomen +0.006 against
+        +0.004 (3), in a third of the time. Not optimising at all gained +0.015, +0.014 and +0.006.
 
         They are optimised (Dice + BCE) to reproduce the corrected segmentation of `image` and, at
         every step, of `views` new augmented views of it (inference/views.py), meant to fit the
@@ -319,6 +326,7 @@ class IrisPredictor:
         image.check_finite()
         corrected.check_label_map()
         corrected.check_matches(image)
+        steps = TUNING_STEPS if steps is None else steps
         if steps < 1:
             raise InputError("the number of tuning steps must be at least 1.")
         if views < 0:

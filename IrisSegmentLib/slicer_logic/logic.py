@@ -237,7 +237,7 @@ class IrisSceneLogic:
         return self._submit("Segmenting", work, finish)
 
     # ------------------------------------------------------------------ tune and undo
-    def start_tune(self, target, output, steps: int = 30, allow_modality_mismatch: bool = False) -> Job:
+    def start_tune(self, target, output, steps: int | None = None, allow_modality_mismatch: bool = False) -> Job:
         """Tune the current task on `output` as corrected by the user (the truth), then segment `target`
         again into `output`. Undo brings back the corrected segmentation and the untuned task.
 
@@ -247,7 +247,7 @@ class IrisSceneLogic:
         self._check_idle()
         if self.task is None:
             raise InputError("Segment first: Tune improves the task behind the last result, using your corrections of that result.")
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise InputError("the number of tuning steps must be at least 1.")
         image = scene_bridge.volume_from_node(target, "target")
         scene_bridge.check_segmentation(output, "output")
