@@ -377,9 +377,14 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onTuned(self, output) -> None:
         self._onSegmented(output)
-        untuned = self.logic.currentSceneLogic.untuned
-        if untuned:
-            self.ui.statusLabel.text += " " + _("Kept untuned, as tuning made them (or a neighbour) worse on the references: {names}.").format(names=", ".join(untuned))
+        sceneLogic = self.logic.currentSceneLogic
+        if sceneLogic.untuned:
+            self.ui.statusLabel.text += " " + _("Kept untuned, as tuning made them (or a neighbour) worse on the references: {names}.").format(names=", ".join(sceneLogic.untuned))
+        if sceneLogic.tuned_uncalibrated:
+            self.ui.statusLabel.text += " " + _(
+                "No reference of this task is in the scene, so your corrections joined it uncalibrated and unchecked (worse on validation cases): "
+                "load a reference and segment with it before tuning."
+            )
 
     def _showDevice(self) -> None:
         sceneLogic = self.logic.currentSceneLogic

@@ -273,11 +273,15 @@ def test_correct_tune_resegment_improves_the_corrected_case_and_undo_restores(he
     tuned_output, updates = _run(logic.start_tune(head_neck.target, output, steps=TUNE_STEPS))
 
     assert tuned_output.GetID() == output.GetID() and _node_ids() == nodes_before
-    assert any("tuning step" in message for _, message in updates)
+    messages, fractions = [message for _, message in updates], [fraction for fraction, _ in updates]
+    assert messages.count("adding the corrected scan to the task's context") >= 3  # the join reports as it goes
+    assert any("tuning step" in m for m in messages)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # the join, then the steps, then segmenting
     tuned = _masks(output, head_neck.target)
     before, after = dice(first["Body"], head_neck.target_body), dice(tuned["Body"], head_neck.target_body)
     assert after > before + 0.1, f"Body Dice {before:.3f} -> {after:.3f} after tuning"
     assert logic.task is not untuned and not torch.equal(logic.task.tokens, untuned.tokens)
+    assert not logic.tuned_uncalibrated  # the reference is in the scene: the panel gives no warning
     _assert_same_state(reference_before, _reference_state(head_neck))
 
     # Segment again with the same reference: the tuned task is reused, not re-encoded.
@@ -294,6 +298,21 @@ def test_correct_tune_resegment_improves_the_corrected_case_and_undo_restores(he
     assert logic.task is untuned and not logic.can_undo
     with pytest.raises(InputError, match="Nothing to undo"):
         logic.undo()
+
+
+def test_tune_with_its_reference_gone_still_tunes_and_says_it_was_uncalibrated(head_neck, logic) -> None:
+    """A reference deleted from the scene after Segment: Tune still works (the corrected scan joins the
+    task's context), and the panel is told that nothing calibrated or checked it."""
+    reference = Reference(head_neck.reference, head_neck.reference_segmentation)
+    output, _ = _run(logic.start_segment(head_neck.target, [reference]))
+    _paint(output, "Body", head_neck.target_body, head_neck.target)
+    untuned = logic.task
+    scene_bridge.remove_node(head_neck.reference)
+
+    _run(logic.start_tune(head_neck.target, output, steps=1))
+
+    assert logic.tuned_uncalibrated
+    assert logic.task.counts[untuned.class_names.index("Body")] == untuned.counts[untuned.class_names.index("Body")] + 1
 
 
 def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) -> None:

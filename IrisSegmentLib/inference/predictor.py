@@ -40,6 +40,11 @@ def _report(progress: Progress, fraction: float, message: str) -> None:
         progress(fraction, message)
 
 
+def scaled(progress: Progress, start: float, stop: float) -> Progress:
+    """`progress` for one part of a longer job: the part's 0 to 1 is reported as `start` to `stop`."""
+    return None if progress is None else lambda fraction, message: progress(start + (stop - start) * fraction, message)
+
+
 @contextmanager
 def _device_memory():
     """Out-of-memory on the GPU becomes an error that says what to do, for every entry point."""
@@ -336,8 +341,9 @@ class IrisPredictor:
                 f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
                 "tune on a segmentation of this task's classes."
             )
+        start = 0.15 if join_context else 0.0  # the join: one encoding and two calibration passes
         if join_context:
-            task = self._with_context(task, image, corrected, list(references), progress, cancel)
+            task = self._with_context(task, image, corrected, list(references), scaled(progress, 0.0, start), cancel)
         pixels, grid = self._working_target(image, task.modality or resolve_modality(image.array, None), task.spacing)
         truth = self._truth_on_grid(corrected, grid, task.label_values)
         tiles = windows(grid.shape, self.config.working_size)
@@ -372,7 +378,7 @@ class IrisPredictor:
                     del examples
                     optimizer.step()
                     self.tuning_losses.append(loss)
-                    _report(progress, 0.9 * (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
+                    _report(progress, start + (0.9 - start) * (step + 1) / steps, f"tuning step {step + 1} of {steps}: loss {self.tuning_losses[-1]:.4f}")
         finally:
             for p, flag in zip(self.model.parameters(), frozen):
                 p.requires_grad_(flag)
@@ -412,14 +418,14 @@ class IrisPredictor:
         present = set(present_labels(corrected.array))
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
-        _report(progress, 0.0, "adding the corrected scan to the task's context")
-        scan = self.encode_reference(image, named, classes=values, modality=task.modality or None, cancel=cancel)
+        joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
+        scan = self.encode_reference(image, named, classes=values, modality=task.modality or None, progress=scaled(joining, 0.0, 0.4), cancel=cancel)
         keys = task.class_keys()
         if scan.class_keys() != [keys[task.label_values.index(v)] for v in values]:
             return replace(task, sources=[*task.sources, f"{corrected.name or 'the corrected case'} not joined: its classes do not match the task's by name"])
         if not references:
             return replace(TaskEmbedding.ensemble([task, scan]), keep_largest=list(task.keep_largest))
-        joined = self.calibrated_ensemble([task, scan], [references[0], (image, named)], cancel=cancel)
+        joined = self.calibrated_ensemble([task, scan], [references[0], (image, named)], scaled(joining, 0.4, 1.0), cancel)
         several = [row for row, count in enumerate(task.counts) if count > 1]
         for row in several:
             joined.thresholds[row], joined.keep_largest[row] = task.thresholds[row], task.keep_largest[row]
@@ -463,7 +469,7 @@ class IrisPredictor:
         from that first result, and return per class the most similar references' embeddings
         (reusable like any task: tune it, save it)."""
         pool = pool if isinstance(pool, ReferencePool) else ReferencePool(pool)
-        initial = self.segment(target, pool.ensemble(), lambda f, m: _report(progress, 0.8 * f, m), cancel, allow_modality_mismatch)
+        initial = self.segment(target, pool.ensemble(), scaled(progress, 0.0, 0.8), cancel, allow_modality_mismatch)
         found = present_labels(initial.array)
         if not found:
             return pool.ensemble()
@@ -475,8 +481,8 @@ class IrisPredictor:
         cancel: Cancel = None, allow_modality_mismatch: bool = False,
     ) -> Volume:
         """Retrieve the best references per class for this target, then segment with them."""
-        task = self.retrieve(target, pool, top_k, lambda f, m: _report(progress, 0.5 * f, m), cancel, allow_modality_mismatch)
-        return self.segment(target, task, lambda f, m: _report(progress, 0.5 + 0.5 * f, m), cancel, allow_modality_mismatch)
+        task = self.retrieve(target, pool, top_k, scaled(progress, 0.0, 0.5), cancel, allow_modality_mismatch)
+        return self.segment(target, task, scaled(progress, 0.5, 1.0), cancel, allow_modality_mismatch)
 
     @staticmethod
     def _memory_modality(key: str) -> str:

@@ -18,7 +18,7 @@ import torch
 from ..device import describe
 from ..embeddings import TaskEmbedding, class_key
 from ..errors import DeviceError, InputError
-from ..inference.predictor import IrisPredictor
+from ..inference.predictor import IrisPredictor, scaled
 from ..model.weights import load_model
 from ..volume import Volume
 from . import scene_bridge
@@ -74,10 +74,6 @@ def _digest(*arrays: np.ndarray, text: str = "") -> str:
     return digest.hexdigest()
 
 
-def _scaled(progress: Progress, start: float, stop: float) -> Progress:
-    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
-
-
 def _device_errors(work: Callable[[Progress, CancelRequested], object]) -> Callable[[Progress, CancelRequested], object]:
     """GPU failures as messages a user can act on, whichever engine step raised them."""
 
@@ -118,6 +114,7 @@ class IrisSceneLogic:
         self._task_key: tuple | None = None  # the sources and strategy it came from
         self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
         self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
+        self.tuned_uncalibrated = False  # the last Tune had no reference left in the scene to calibrate the joined context on
         self._last_tune: tuple[tuple[str, str], TaskEmbedding, TaskEmbedding] | None = None  # (target, output) IDs, task tuned, result
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
@@ -205,24 +202,24 @@ class IrisSceneLogic:
 
         def work(progress: Progress, cancel: CancelRequested) -> tuple[Volume, TaskEmbedding, dict[str, TaskEmbedding]]:
             predictor = self._predictor(progress)
-            segment_progress = _scaled(progress, 0.3, 1.0)
+            segment_progress = scaled(progress, 0.3, 1.0)
             if reused is not None:
                 return predictor.segment(image, reused, segment_progress, cancel, allow_modality_mismatch), reused, {}
             encoded: dict[str, TaskEmbedding] = {}
             tasks = []
             for n, (reference_image, labels, digest) in enumerate(pairs):
                 if digest not in cached and digest not in encoded:
-                    step = _scaled(progress, 0.3 * n / len(pairs), 0.3 * (n + 1) / len(pairs))
+                    step = scaled(progress, 0.3 * n / len(pairs), 0.3 * (n + 1) / len(pairs))
                     encoded[digest] = predictor.encode_reference(reference_image, labels, progress=step, cancel=cancel)
                 tasks.append(cached.get(digest) or encoded[digest])
             tasks += files
             if strategy == "retrieval":
-                task = predictor.retrieve(image, tasks, progress=_scaled(progress, 0.3, 0.65), cancel=cancel, allow_modality_mismatch=allow_modality_mismatch)
-                segment_progress = _scaled(progress, 0.65, 1.0)
+                task = predictor.retrieve(image, tasks, progress=scaled(progress, 0.3, 0.65), cancel=cancel, allow_modality_mismatch=allow_modality_mismatch)
+                segment_progress = scaled(progress, 0.65, 1.0)
             elif strategy == "ensemble":
                 volumes = [(reference_image, labels) for reference_image, labels, _ in pairs]
-                task = predictor.calibrated_ensemble(tasks, volumes, _scaled(progress, 0.3, 0.5), cancel)
-                segment_progress = _scaled(progress, 0.5, 1.0)
+                task = predictor.calibrated_ensemble(tasks, volumes, scaled(progress, 0.3, 0.5), cancel)
+                segment_progress = scaled(progress, 0.5, 1.0)
             else:
                 task = tasks[0]
             return predictor.segment(image, task, segment_progress, cancel, allow_modality_mismatch), task, encoded
@@ -260,13 +257,14 @@ class IrisSceneLogic:
 
         def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume, list[str]]:
             predictor = self._predictor(progress)
-            tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=_scaled(progress, 0.0, 0.8), cancel=cancel)
-            return tuned, predictor.segment(image, tuned, _scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch), list(predictor.tuning_untuned)
+            tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=scaled(progress, 0.0, 0.8), cancel=cancel)
+            return tuned, predictor.segment(image, tuned, scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch), list(predictor.tuning_untuned)
 
         def finish(value: tuple[TaskEmbedding, Volume, list[str]]):
             tuned, result, untuned = value
             node = self._write(result, target, output)
             self.task, self.untuned, self._last_tune = tuned, untuned, (scan, task, tuned)
+            self.tuned_uncalibrated = not references
             return node
 
         return self._submit("Tuning", work, finish)
