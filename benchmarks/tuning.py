@@ -1,14 +1,14 @@
-"""In-context tuning: held-out Dice against the learning rate and number of steps.
+"""Tune as shipped: Dice on validation cases against the number of optimiser steps.
 
-Tuning optimises only the task embeddings (network frozen) on one corrected case. This script
-encodes the evaluation reference of a dataset (as `iris-segment evaluate` picks it), tunes its
-embeddings on the next training case for each (learning rate, steps) setting, and scores the tuned
-embeddings on held-out cases, beside the untuned one-shot. It is how the predictor's default
-tuning settings were chosen. Tuning runs as when the step size was chosen: without augmented views
-(views=0) and from the reference's embeddings alone (join_context=False); the views and the
-corrected scan joining the context came later (IrisPredictor.tune).
+A corrected case is one patient, so tuning is run separately on several of them. The reference and
+the corrected patients are those `iris-segment evaluate --references 3` picks (the first reference;
+the training cases after the three references). The scores are taken on other training cases, the
+validation cases, never on held-out ones, so the settings chosen here can be judged on the held-out
+cases afterwards. Each setting runs the whole `IrisPredictor.tune` (joined context, augmented views,
+check on the reference); "joined" is the joined context alone, before any optimiser step. It is how
+the default number of steps (TUNING_STEPS) was chosen.
 
-    python benchmarks/tuning.py --data ../shared/data/Hippocampus_MRI [--cases 20] [--threads 2]
+    python benchmarks/tuning.py --data ../shared/data/HeadNeck_CT [--corrected 5] [--cases 20] [--steps 0 5 10 20 30]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -30,9 +31,9 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset folder (imagesTr/labelsTr/dataset.json)")
-    p.add_argument("--cases", type=int, default=20, help="held-out cases scored (first N)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 2e-2, 5e-2, 1e-1, 2e-1])
-    p.add_argument("--steps", type=int, nargs="+", default=[30, 60])
+    p.add_argument("--corrected", type=int, default=5, help="corrected patients, each tuned on separately")
+    p.add_argument("--cases", type=int, default=20, help="validation cases scored (the last N training cases left)")
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 5, 10, 20, 30], help="optimiser steps; 0: the joined context alone")
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", type=Path, default=ROOT / "results")
@@ -43,36 +44,44 @@ def main() -> None:
     predictor = IrisPredictor(model)
     model_note = f"model {model.model_id}, step {model.provenance.get('steps', '?')}"
     dataset = load_dataset(args.data)
-    heldout, training = heldout_and_training(dataset)
-    ref_id, tune_id = pick_references(dataset, training, 2)
-    targets = [read_case(dataset.case(i)) for i in heldout[: args.cases]]
-    task = predictor.encode_reference(*read_case(dataset.case(ref_id)))
-    tune_image, tune_labels = read_case(dataset.case(tune_id))
+    _, training = heldout_and_training(dataset)
+    chosen = pick_references(dataset, training, 3 + args.corrected)
+    ref_id, corrected_ids = chosen[0], chosen[3:]
+    validation_ids = [i for i in training if i not in chosen][-args.cases:]
+    if not corrected_ids or not validation_ids:
+        raise SystemExit(f"{dataset.name}: {len(training)} training cases are too few for 3 references, corrected patients and validation cases")
+    reference = read_case(dataset.case(ref_id))
+    validation = [read_case(dataset.case(i)) for i in validation_ids]
+    task = predictor.encode_reference(*reference)
+    one_shot = mean_dice(predictor, task, validation)
+    print(f"{dataset.name}: {model_note}; reference {ref_id}; corrected {corrected_ids}; {len(validation)} validation cases; one-shot Dice {one_shot:.4f}")
 
-    rows = [{"lr": 0.0, "steps": 0, "dice": mean_dice(predictor, task, targets), "tune_seconds": 0.0, "final_loss": None}]
-    print(f"{dataset.name}: {model_note}; reference {ref_id}, tuning case {tune_id}, {len(targets)} held-out cases")
-    print(f"one-shot (no tuning): Dice {rows[0]['dice']:.3f}")
-    for steps in args.steps:
-        for lr in args.lrs:
+    gains: dict[int, list[float]] = {steps: [] for steps in args.steps}
+    seconds: dict[int, list[float]] = {steps: [] for steps in args.steps}
+    for corrected_id in corrected_ids:
+        image, labels = read_case(dataset.case(corrected_id))
+        for steps in args.steps:
             start = time.perf_counter()
-            tuned = predictor.tune(task, tune_image, tune_labels, steps=steps, learning_rate=lr, views=0, join_context=False)
-            seconds = time.perf_counter() - start
-            rows.append({"lr": lr, "steps": steps, "dice": mean_dice(predictor, tuned, targets), "tune_seconds": seconds,
-                         "final_loss": predictor.tuning_losses[-1], "first_loss": predictor.tuning_losses[0]})
-            r = rows[-1]
-            print(f"lr {lr:g} steps {steps}: Dice {r['dice']:.3f} ({r['dice'] - rows[0]['dice']:+.3f}); "
-                  f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}; {seconds:.1f} s", flush=True)
+            if steps == 0:  # what optimising starts from
+                tuned = predictor._with_context(task, image, labels, [reference], None, None)
+            else:
+                tuned = predictor.tune(task, image, labels, steps=steps, references=[reference])
+            seconds[steps].append(time.perf_counter() - start)
+            gains[steps].append(mean_dice(predictor, tuned, validation) - one_shot)
+            print(f"  {corrected_id} {_name(steps)}: {gains[steps][-1]:+.4f} ({seconds[steps][-1]:.1f} s)", flush=True)
 
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"tuning_{dataset.name}"
-    stem.with_suffix(".json").write_text(json.dumps({"dataset": dataset.name, "model": model_note, "reference": ref_id, "tuning_case": tune_id,
-                                                     "heldout_cases": heldout[: args.cases], "rows": rows}, indent=1))
-    lines = ["| steps | lr | held-out Dice | vs one-shot | tuning loss first -> last | tuning s |", "|---|---|---|---|---|---|"]
-    lines.append(f"| 0 | - | {rows[0]['dice']:.3f} | - | - | - |")
-    lines += [f"| {r['steps']} | {r['lr']:g} | {r['dice']:.3f} | {r['dice'] - rows[0]['dice']:+.3f} | "
-              f"{r['first_loss']:.3f} -> {r['final_loss']:.3f} | {r['tune_seconds']:.1f} |" for r in rows[1:]]
-    stem.with_suffix(".md").write_text(f"# Tuning on {dataset.name}\n\n{model_note}. Reference {ref_id}, tuned on {tune_id}, "
-                                       f"scored on {len(targets)} held-out cases.\n\n" + "\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({
+        "dataset": dataset.name, "model": model_note, "reference": ref_id, "corrected": corrected_ids, "validation": validation_ids,
+        "one_shot": one_shot, "gains": {str(s): g for s, g in gains.items()}, "seconds": {str(s): t for s, t in seconds.items()}}, indent=1))
+    lines = ["| steps | mean Dice gain vs one-shot | patients better / worse | per corrected patient | tuning s |", "|---|---|---|---|---|"]
+    lines += [f"| {_name(s)} | {np.mean(g):+.4f} | {sum(x > 0 for x in g)} / {sum(x < 0 for x in g)} | "
+              f"{', '.join(f'{x:+.3f}' for x in g)} | {np.mean(seconds[s]):.1f} |" for s, g in gains.items()]
+    stem.with_suffix(".md").write_text(
+        f"# Tune on {dataset.name}\n\n{model_note}. Reference {ref_id}; tuned separately on {', '.join(corrected_ids)}; "
+        f"scored on {len(validation)} validation cases (training part): {', '.join(validation_ids)}. One-shot mean Dice {one_shot:.4f}.\n\n"
+        + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -80,18 +89,21 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for steps in args.steps:
-        sel = [r for r in rows[1:] if r["steps"] == steps]
-        ax.plot([r["lr"] for r in sel], [r["dice"] for r in sel], marker="o", label=f"{steps} steps")
-    ax.axhline(rows[0]["dice"], color="grey", linestyle="--", label="one-shot")
-    ax.set_xscale("log")
-    ax.set_xlabel("tuning learning rate")
-    ax.set_ylabel("held-out mean Dice")
-    ax.set_title(f"Tuning on {dataset.name}")
+    for n, corrected_id in enumerate(corrected_ids):
+        ax.plot(args.steps, [gains[s][n] for s in args.steps], color="lightgrey", marker=".")
+    ax.plot(args.steps, [np.mean(gains[s]) for s in args.steps], color="black", marker="o", label="mean over corrected patients")
+    ax.axhline(0.0, color="grey", linestyle="--", label="one-shot")
+    ax.set_xlabel("optimiser steps (0: joined context alone)")
+    ax.set_ylabel("validation Dice gain vs one-shot")
+    ax.set_title(f"Tune on {dataset.name}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     print(f"saved {stem}.md/.json/.png")
+
+
+def _name(steps: int) -> str:
+    return "joined" if steps == 0 else f"{steps} steps"
 
 
 if __name__ == "__main__":

@@ -301,11 +301,12 @@ class IrisPredictor:
         every patient alike, the optimising is what helps (step 7,000: +0.017 from the reference
         alone, +0.000 from the uncalibrated pair without optimising).
 
-        `steps` (default TUNING_STEPS, 10): from the joined context, each further step fits the
-        corrected patient more and the next patients less. On the same validation cases at step 9,000
-        (calibrated pair; mean Dice gained over one-shot, 10 steps against 30): HeadNeck +0.013 against
-        +0.011 (5 corrected patients), Hippocampus +0.017 against +0.016 (5), Abdomen +0.006 against
-        +0.004 (3), in a third of the time. Not optimising at all gained +0.015, +0.014 and +0.006.
+        `steps` (default TUNING_STEPS, 10): from the joined context, further steps fit the corrected
+        patient more and the next patients less. benchmarks/tuning.py at step 9,000 (validation
+        cases; mean Dice gained over one-shot for 0 / 5 / 10 / 20 / 30 steps): HeadNeck +0.015 /
+        +0.016 / +0.013 / +0.013 / +0.011 (5 corrected patients), Hippocampus +0.014 / +0.013 / +0.017
+        / +0.016 / +0.016 (5), Abdomen +0.007 / +0.004 / +0.006 / +0.004 / +0.004 (3). 10 has the best
+        mean over the three sets (+0.012) among those that optimise, in a third of 30's time.
 
         They are optimised (Dice + BCE) to reproduce the corrected segmentation of `image` and, at
         every step, of `views` new augmented views of it (inference/views.py), meant to fit the
@@ -324,9 +325,10 @@ class IrisPredictor:
         lost 0.435 -> 0.257 on the larynx that way.
 
         The default step size follows the embeddings' scale: 2.5 % of their RMS (about 0.5 for the
-        shipped model, whose entries have an RMS near 20). Tuned on one patient and applied to held-out
-        ones, 0.5 gains +0.045 (Hippocampus) and +0.017 (Abdomen) Dice where 5e-3 gains at most 0.002
-        (benchmarks/tuning.py)."""
+        shipped model, whose entries have an RMS near 20). It was chosen on the step-3,250 model by the
+        first benchmarks/tuning.py (commit b49c6c6: tuning from the reference alone, scored on held-out
+        cases, which the benchmark no longer does): 0.5 gained +0.045 (Hippocampus) and +0.017
+        (Abdomen) Dice where 5e-3 gained at most 0.002."""
         self._check_task(task)
         image.check_finite()
         corrected.check_label_map()
