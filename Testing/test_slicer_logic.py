@@ -319,7 +319,8 @@ def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) ->
     """Tune adds the corrected scan to the task's context, for the classes it holds. Pressed again on
     the same result after more corrections (or after undoing the second Tune), it must start over from
     the task before the first Tune, not add the scan twice; a result in another node is another
-    corrected scan, and joins too."""
+    corrected scan, and joins too. Back on the first result after that, its scan is in the context
+    already and does not join again."""
     reference = Reference(head_neck.reference, head_neck.reference_segmentation)
     output, _ = _run(logic.start_segment(head_neck.target, [reference]))
     _paint(output, "Body", head_neck.target_body, head_neck.target)
@@ -348,6 +349,11 @@ def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) ->
     _paint(other, "Body", head_neck.target_body, head_neck.target)
     _run(logic.start_tune(head_neck.target, other, steps=1))
     assert added(logic.task, again)[body] == 1
+    both = logic.task
+
+    _paint(output, "Body", head_neck.target_body, head_neck.target)
+    _run(logic.start_tune(head_neck.target, output, steps=1))
+    assert added(logic.task, both) == [0] * len(both.counts) and not torch.equal(logic.task.tokens, both.tokens)
 
 
 def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, logic, tmp_path: Path) -> None:

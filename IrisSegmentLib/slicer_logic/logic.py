@@ -44,7 +44,7 @@ class _UndoState:
     task: TaskEmbedding | None
     task_key: tuple | None
     task_references: list[Reference]
-    last_tune: tuple | None
+    tunes: tuple
 
 
 class _ClassValues:
@@ -115,7 +115,7 @@ class IrisSceneLogic:
         self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
         self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
         self.tuned_uncalibrated = False  # the last Tune had no reference left in the scene to calibrate the joined context on
-        self._last_tune: tuple[tuple[str, str], TaskEmbedding, TaskEmbedding] | None = None  # (target, output) IDs, task tuned, result
+        self._tunes: tuple[tuple[tuple[str, str], TaskEmbedding, TaskEmbedding], ...] = ()  # each Tune: (target, output) IDs, task tuned, result
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
         self._job: Job | None = None
@@ -240,7 +240,9 @@ class IrisSceneLogic:
 
         The corrected scan joins the task's context (IrisPredictor.tune), so Tune pressed again on the
         same result, after more corrections, starts over from the task the first Tune started from:
-        the scan then counts once, with its latest corrections."""
+        the scan then counts once, with its latest corrections. A scan whose corrections the task
+        already holds from an earlier Tune (tuned on A, then B, then A again) does not join again; the
+        embeddings are only optimised on its latest corrections."""
         self._check_idle()
         if self.task is None:
             raise InputError("Segment first: Tune improves the task behind the last result, using your corrections of that result.")
@@ -249,25 +251,35 @@ class IrisSceneLogic:
         image = scene_bridge.volume_from_node(target, "target")
         scene_bridge.check_segmentation(output, "output")
         scan = (target.GetID(), output.GetID())
-        retune = self._last_tune is not None and self._last_tune[0] == scan and self._last_tune[2] is self.task
-        task = self._last_tune[1] if retune else self.task
+        retune = bool(self._tunes) and self._tunes[-1][0] == scan and self._tunes[-1][2] is self.task
+        task = self._tunes[-1][1] if retune else self.task
+        join = scan not in self._scans_joined(task)
         values = {class_key(v, task.segments.get(v, {})): v for v in task.label_values}
         corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(class_key(0, s)), allow_empty=True)
         references = self._reference_volumes(self._task_references, _ClassValues([task]))
 
         def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume, list[str]]:
             predictor = self._predictor(progress)
-            tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=scaled(progress, 0.0, 0.8), cancel=cancel)
+            tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=scaled(progress, 0.0, 0.8), cancel=cancel, join_context=join)
             return tuned, predictor.segment(image, tuned, scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch), list(predictor.tuning_untuned)
 
         def finish(value: tuple[TaskEmbedding, Volume, list[str]]):
             tuned, result, untuned = value
             node = self._write(result, target, output)
-            self.task, self.untuned, self._last_tune = tuned, untuned, (scan, task, tuned)
+            self.task, self.untuned, self._tunes = tuned, untuned, (*self._tunes, (scan, task, tuned))
             self.tuned_uncalibrated = not references
             return node
 
         return self._submit("Tuning", work, finish)
+
+    def _scans_joined(self, task: TaskEmbedding) -> set[tuple[str, str]]:
+        """The (target, output) scans whose corrections joined `task`'s context: the Tunes it came from."""
+        scans = set()
+        for scan, before, after in reversed(self._tunes):
+            if after is task:
+                scans.add(scan)
+                task = before
+        return scans
 
     @staticmethod
     def _reference_volumes(references: list[Reference], value_of) -> list[tuple[Volume, Volume]]:
@@ -295,7 +307,7 @@ class IrisSceneLogic:
             self._undo.clear()
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
         scene_bridge.restore(state.node, state.content)
-        self.task, self._task_key, self._task_references, self._last_tune = state.task, state.task_key, state.task_references, state.last_tune
+        self.task, self._task_key, self._task_references, self._tunes = state.task, state.task_key, state.task_references, state.tunes
         return state.node
 
     # ------------------------------------------------------------------ task files
@@ -370,7 +382,7 @@ class IrisSceneLogic:
                 scene_bridge.remove_node(node)
                 raise
             return node
-        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._last_tune)
+        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._tunes)
         try:
             scene_bridge.write_segments(result, output, target)
         except BaseException:
