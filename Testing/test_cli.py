@@ -148,6 +148,9 @@ def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
     out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"],
              "--reference", files["image1"], files["labels1"], "--output", tuned_path, "--weights", weights_file)
     assert f"over {TUNING_STEPS} steps" in out  # without --steps, the engine's default
+    out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--steps", 2,
+             "--output", tmp_path / "tuned2.safetensors", "--weights", weights_file)
+    assert "over 2 steps" in out
     task, tuned = TaskEmbedding.load(task_path), TaskEmbedding.load(tuned_path)
     assert tuned.label_values == task.label_values and tuned.class_names == task.class_names and tuned.model_id == task.model_id
     assert not torch.equal(tuned.tokens, task.tokens)

@@ -1,19 +1,21 @@
 """Tune as shipped: Dice on validation cases against the number of optimiser steps.
 
-A corrected case is one patient, so tuning is run separately on several of them. The reference and
-the corrected patients are those `iris-segment evaluate --references 3` picks (the first reference;
-the training cases after the three references). The scores are taken on other training cases, the
+A corrected case is one patient, so tuning is run separately on several of them. The reference is
+the one `iris-segment evaluate --references 3` uses for one-shot, and the corrected patients are the
+training cases after its three references (evaluate tunes on the first three of them). The scores are taken on other training cases, the
 validation cases, never on held-out ones, so the settings chosen here can be judged on the held-out
 cases afterwards. Each setting runs the whole `IrisPredictor.tune` (joined context, augmented views,
 check on the reference); "joined" is the joined context alone, before any optimiser step. It is how
 the default number of steps (TUNING_STEPS) was chosen.
 
     python benchmarks/tuning.py --data ../shared/data/HeadNeck_CT [--corrected 5] [--cases 20] [--steps 0 5 10 20 30]
+    python benchmarks/tuning.py --data ../shared/data/Abdomen_MRI --corrected 3   # 10 training cases: 4 left to score
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -72,14 +74,15 @@ def main() -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"tuning_{dataset.name}"
+    command = " ".join(["python", "benchmarks/tuning.py", *sys.argv[1:]])
     stem.with_suffix(".json").write_text(json.dumps({
-        "dataset": dataset.name, "model": model_note, "reference": ref_id, "corrected": corrected_ids, "validation": validation_ids,
+        "command": command, "dataset": dataset.name, "model": model_note, "reference": ref_id, "corrected": corrected_ids, "validation": validation_ids,
         "one_shot": one_shot, "gains": {str(s): g for s, g in gains.items()}, "seconds": {str(s): t for s, t in seconds.items()}}, indent=1))
     lines = ["| steps | mean Dice gain vs one-shot | patients better / worse | per corrected patient | tuning s |", "|---|---|---|---|---|"]
     lines += [f"| {_name(s)} | {np.mean(g):+.4f} | {sum(x > 0 for x in g)} / {sum(x < 0 for x in g)} | "
               f"{', '.join(f'{x:+.3f}' for x in g)} | {np.mean(seconds[s]):.1f} |" for s, g in gains.items()]
     stem.with_suffix(".md").write_text(
-        f"# Tune on {dataset.name}\n\n{model_note}. Reference {ref_id}; tuned separately on {', '.join(corrected_ids)}; "
+        f"# Tune on {dataset.name}\n\n`{command}`: {model_note}. Reference {ref_id}; tuned separately on {', '.join(corrected_ids)}; "
         f"scored on {len(validation)} validation cases (training part): {', '.join(validation_ids)}. One-shot mean Dice {one_shot:.4f}.\n\n"
         + "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -89,7 +92,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n, corrected_id in enumerate(corrected_ids):
+    for n in range(len(corrected_ids)):
         ax.plot(args.steps, [gains[s][n] for s in args.steps], color="lightgrey", marker=".")
     ax.plot(args.steps, [np.mean(gains[s]) for s in args.steps], color="black", marker="o", label="mean over corrected patients")
     ax.axhline(0.0, color="grey", linestyle="--", label="one-shot")

@@ -114,7 +114,7 @@ class IrisSceneLogic:
         self._task_key: tuple | None = None  # the sources and strategy it came from
         self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
         self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
-        self.tuned_uncalibrated = False  # the last Tune had no reference left in the scene to calibrate the joined context on
+        self.tuned_uncalibrated = False  # the last Tune joined a scan with no reference left in the scene to calibrate the pair on
         self._tunes: tuple[tuple[tuple[str, str], TaskEmbedding, TaskEmbedding], ...] = ()  # each Tune: (target, output) IDs, task tuned, result
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
@@ -267,7 +267,7 @@ class IrisSceneLogic:
             tuned, result, untuned = value
             node = self._write(result, target, output)
             self.task, self.untuned, self._tunes = tuned, untuned, (*self._tunes, (scan, task, tuned))
-            self.tuned_uncalibrated = not references
+            self.tuned_uncalibrated = join and not references
             return node
 
         return self._submit("Tuning", work, finish)
