@@ -30,6 +30,7 @@ def main() -> None:
     from IrisSegmentLib.evaluation.evaluate import heldout_and_training, mean_dice, pick_references
     from IrisSegmentLib.inference.predictor import IrisPredictor
     from IrisSegmentLib.model.weights import default_weights_path, load_model
+    from IrisSegmentLib.segments import present_labels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset folder (imagesTr/labelsTr/dataset.json)")
@@ -65,7 +66,7 @@ def main() -> None:
         for steps in args.steps:
             start = time.perf_counter()
             if steps == 0:  # what optimising starts from
-                tuned = predictor._with_context(task, image, labels, [reference], None, None)
+                tuned = predictor._with_context(task, image, labels, set(present_labels(labels.array)), [reference], None, None)
             else:
                 tuned = predictor.tune(task, image, labels, steps=steps, references=[reference])
             seconds[steps].append(time.perf_counter() - start)

@@ -339,14 +339,15 @@ class IrisPredictor:
             raise InputError("the number of tuning steps must be at least 1.")
         if views < 0:
             raise InputError("the number of augmented views must be 0 or more.")
-        if not set(present_labels(corrected.array)) & set(task.label_values):
+        present = set(present_labels(corrected.array))
+        if not present & set(task.label_values):
             raise InputError(
                 f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
                 "tune on a segmentation of this task's classes."
             )
         start = 0.15 if join_context else 0.0  # the join: one encoding and two calibration passes
         if join_context:
-            task = self._with_context(task, image, corrected, list(references), scaled(progress, 0.0, start), cancel)
+            task = self._with_context(task, image, corrected, present, list(references), scaled(progress, 0.0, start), cancel)
         pixels, grid = self._working_target(image, task.modality or resolve_modality(image.array, None), task.spacing)
         truth = self._truth_on_grid(corrected, grid, task.label_values)
         tiles = windows(grid.shape, self.config.working_size)
@@ -408,17 +409,17 @@ class IrisPredictor:
         return replace(tuned, sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps{note})"])
 
     def _with_context(
-        self, task: TaskEmbedding, image: Volume, corrected: Volume, references: list[tuple[Volume, Volume]], progress: Progress, cancel: Cancel
+        self, task: TaskEmbedding, image: Volume, corrected: Volume, present: set[int], references: list[tuple[Volume, Volume]],
+        progress: Progress, cancel: Cancel,
     ) -> TaskEmbedding:
         """`task` with the corrected scan averaged in as one more reference of the task's classes it
-        holds, named as in the task. With a reference at hand the pair is calibrated as any context
+        holds (`present`: its label values), named as in the task. With a reference at hand the pair is calibrated as any context
         ensemble is (thresholds and island rules, leave-one-out: the reference segmented with the
         scan's embeddings and the scan with the task's), except for classes the task already averages
         over several references, which keep their calibration; without one the task's island rules
         stay. The working spacing becomes the finer of the two, as for any ensemble of two (what was
         validated). A scan whose classes cannot be matched to the task's by name (two classes of one
         name) is not joined, and the sources say so."""
-        present = set(present_labels(corrected.array))
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
