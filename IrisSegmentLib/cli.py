@@ -158,6 +158,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run(args, _predictor(args))
 
 
+def cmd_pool(args: argparse.Namespace) -> None:
+    from .evaluation.report import pooled_markdown, read_csv
+
+    csvs = [folder / "results.csv" for folder in args.reports]
+    absent = [str(path) for path in csvs if not path.is_file()]
+    if absent:
+        raise InputError(f"no results.csv in {', '.join(absent)}: pass report folders written by 'iris-segment evaluate'.")
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} exists; choose another --output or pass --overwrite.")
+    summary = pooled_markdown([row for path in csvs for row in read_csv(path)], args.against)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(summary, encoding="utf-8")
+    print(summary)
+    print(f"written to {args.output}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -256,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overlays", type=int, default=3, help="slice overlays for the first N cases")
     model_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    pool = sub.add_parser("pool", help="several datasets' evaluation reports pooled into one paired comparison")
+    pool.add_argument("--reports", type=Path, nargs="+", required=True, help="report folders written by 'evaluate'")
+    pool.add_argument("--output", type=Path, required=True, help="markdown file to write")
+    pool.add_argument("--against", default="one-shot", help="the method every other is paired against (default: one-shot)")
+    pool.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    pool.set_defaults(func=cmd_pool)
 
     train = sub.add_parser("train", help="episodic training (see python -m IrisSegmentLib.training --help)", add_help=False)
     train.set_defaults(func=None)

@@ -159,6 +159,27 @@ def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
     check_output(output, files["target"], CLASS_NAMES)
 
 
+def test_pool_pairs_several_reports_against_one_shot(capsys, tmp_path):
+    from IrisSegmentLib.evaluation.metrics import ClassScore
+    from IrisSegmentLib.evaluation.report import result_rows, write_report
+
+    folders = []
+    for dataset, gain in (("SetA", 0.05), ("SetB", -0.01)):
+        rows = [row for n in range(3) for method, dice in (("one-shot", 0.7), ("ensemble-3", 0.7 + gain))
+                for row in result_rows(dataset, f"{dataset}{n}", method, {1: ClassScore(dice, 2.0)}, {1: "organ"}, 1.0)]
+        write_report(rows, tmp_path / dataset)
+        folders.append(tmp_path / dataset)
+    output = tmp_path / "pooled.md"
+    out = ok(capsys, "pool", "--reports", *folders, "--output", output)
+    assert output.read_text() in out
+    assert "| ensemble-3 | 2 | 6 | +0.020 | +0.020 to +0.020 | +0.020 | +0.020 to +0.020 | 3 / 3 |" in output.read_text()
+    fails(capsys, "pool", "--reports", *folders, "--output", output, words=["exists", "--overwrite"])
+    fails(capsys, "pool", "--reports", folders[0], tmp_path / "nowhere", "--output", tmp_path / "new.md",
+          output=tmp_path / "new.md", words=["no results.csv", "nowhere"])
+    fails(capsys, "pool", "--reports", *folders, "--output", tmp_path / "new.md", "--against", "retrieval-3",
+          output=tmp_path / "new.md", words=["'retrieval-3' is not in the reports"])
+
+
 def test_info(capsys, weights_file):
     out = ok(capsys, "info", "--weights", weights_file, "--device", "cpu")
     model = load_model(weights_file, "cpu")

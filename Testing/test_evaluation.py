@@ -18,7 +18,9 @@ from IrisSegmentLib.errors import InputError
 from IrisSegmentLib.evaluation.dataset import load_dataset, read_case, split_cases
 from IrisSegmentLib.evaluation.metrics import ClassScore, dice, hd95, mean_scores, score_labels
 from IrisSegmentLib.evaluation.registration import RegistrationSettings, register_and_warp, sitk_to_volume, volume_to_sitk
-from IrisSegmentLib.evaluation.report import CSV_COLUMNS, ResultRow, plot_overlay, result_rows, summary_markdown, write_report
+from IrisSegmentLib.evaluation.report import (
+    CSV_COLUMNS, ResultRow, plot_overlay, pooled_markdown, read_csv, result_rows, summary_markdown, write_report,
+)
 from IrisSegmentLib.volume import Volume
 from support import DATA, make_affine, needs_paths, rotation
 
@@ -294,6 +296,56 @@ def test_paired_interval_separates_a_steady_gain_from_case_to_case_noise() -> No
     assert "| +0.020 | +0.020 to +0.020 | 30 / 0 |" in lines["| steady"]
     low, high = (float(x) for x in lines["| noisy"].split(" | ")[3].split(" to "))
     assert low < 0 < high  # a gain on half the cases and a loss on the other half is no gain
+
+
+def _pair_rows(dataset: str, differences: list[float], methods: tuple[str, ...] = ("one-shot", "tune")) -> list[ResultRow]:
+    """One class per case: one-shot scores 0.5, the other methods 0.5 + the case's difference."""
+    rows = []
+    for n, difference in enumerate(differences):
+        for method in methods:
+            value = 0.5 if method == "one-shot" else 0.5 + difference
+            rows += result_rows(dataset, f"{dataset}_{n}", method, {1: ClassScore(value, 1.0)}, {1: "organ"}, 1.0)
+    return rows
+
+
+def test_pooling_weighs_cases_and_datasets_and_keeps_each_set_whole() -> None:
+    # A large set gaining 0.1 on every case and a small one losing 0.1 on its single case.
+    rows = _pair_rows("Large", [0.1] * 4, ("one-shot", "tune", "registration")) + _pair_rows("Small", [-0.1])
+    pooled = pooled_markdown(rows)
+    lines = {line.split(" | ")[0]: line for line in pooled.splitlines() if " to " in line}
+    # over cases (0.4 - 0.1) / 5; over datasets (0.1 - 0.1) / 2; a resample redraws each set's own
+    # cases, so with no spread inside a set both intervals are a point
+    assert "| 2 | 5 | +0.060 | +0.060 to +0.060 | +0.000 | +0.000 to +0.000 | 4 / 1 |" in lines["| tune"]
+    assert "| 1 | 4 |" in lines["| registration"]  # pooled over the set that has it
+    assert "- Small: tune -0.100 (1)" in pooled
+    with pytest.raises(InputError, match="'atlas' is not in the reports of Large, Small"):
+        pooled_markdown(rows, first="atlas")
+
+
+def test_pooled_interval_widens_with_a_small_noisy_set() -> None:
+    steady = _pair_rows("Steady", [0.02] * 40)
+    noisy = _pair_rows("Noisy", [0.06, -0.05, 0.05, -0.06])
+    lines = [line for line in pooled_markdown(steady + noisy).splitlines() if line.startswith("| tune")]
+    cells = lines[0].split(" | ")
+    over_cases, over_sets = (tuple(float(x) for x in cells[i].split(" to ")) for i in (4, 6))
+    assert over_cases[0] > 0  # 40 steady cases carry the case-weighted mean
+    assert over_sets[1] - over_sets[0] > 2 * (over_cases[1] - over_cases[0])  # the noisy set is half of the other
+
+
+def test_report_csv_reads_back_and_a_foreign_csv_is_refused(tmp_path: Path) -> None:
+    rows = _rows()
+    paths = write_report(rows, tmp_path / "report")
+    back = read_csv(paths["csv"])
+    assert [r.dice for r in back] == [r.dice for r in rows] and back[0] == rows[0]
+    assert math.isnan(back[-1].hd95_mm)
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("case,dice\nc1,0.9\n")
+    with pytest.raises(InputError, match="not an IrisSegment results CSV"):
+        read_csv(foreign)
+    broken = tmp_path / "broken.csv"
+    broken.write_text(",".join(CSV_COLUMNS) + "\nToy,c1,iris,liver,high,1.0,2.0\n")
+    with pytest.raises(InputError, match="numbers"):
+        read_csv(broken)
 
 
 def test_overlay_writes_a_png_per_case(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from engine_fixtures import CLASS_NAMES, case, dice, model, predictor  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
-from IrisSegmentLib.inference.calibration import MIN_GAIN, choose_keep_largest, island_gains
+from IrisSegmentLib.inference.calibration import ISLAND_MIN_GAIN, choose_keep_largest, island_gains
 from IrisSegmentLib.inference.islands import drop_islands
 from IrisSegmentLib.inference.retrieval import ReferencePool
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
@@ -45,8 +45,8 @@ def test_a_class_keeps_its_largest_piece_only_when_every_reference_agrees():
     assert gains[0] > 0 and gains[1] < 0 and gains[2] == 0 and torch.isnan(gains[3])
     chosen = choose_keep_largest([gains, gains], current=[False, False, False, True])
     assert chosen == [True, False, False, True]  # no islands (class 2): no evidence; unseen (3): unchanged
-    # A gain below MIN_GAIN is too little evidence to risk removing true pieces.
-    assert choose_keep_largest([torch.tensor([MIN_GAIN / 2])], current=[False]) == [False]
+    # A gain below ISLAND_MIN_GAIN is too little evidence to risk removing true pieces.
+    assert choose_keep_largest([torch.tensor([ISLAND_MIN_GAIN / 2])], current=[False]) == [False]
     # One reference on which dropping the island would have cost Dice vetoes the others.
     assert choose_keep_largest([gains, -gains.clamp(min=0)], current=[False] * 4)[0] is False
 

@@ -138,6 +138,28 @@ def test_tuning_starts_from_the_context_joined_by_the_corrected_scan(predictor):
     assert calibrated.counts == [3, 2] and calibrated.keep_largest == [True, True]
 
 
+def test_a_corrected_scan_that_cannot_be_matched_by_name_is_tuned_without_joining(predictor):
+    """Two classes of one name are told apart by label value; a corrected scan holding only the
+    second cannot be matched to it by name, so it does not join: the task's embeddings and counts
+    are where optimising starts, the sources say why, and the caller learns it (the panel's warning
+    about an uncalibrated join depends on it)."""
+    reference, (image, labels) = case("001"), case("003")
+    task = predictor.encode_reference(*reference)
+    twins = replace(task, segments={v: {"name": "hippocampus"} for v in task.label_values})
+    posterior_only = Volume(np.where(labels.array == 2, 2, 0).astype(np.uint8), labels.affine, "corrected 003", {2: {"name": "hippocampus"}})
+
+    assert predictor.join(twins, image, posterior_only) is None
+    started = predictor.tune(twins, image, posterior_only, steps=1, learning_rate=0.0, views=0)
+    assert not predictor.tuning_joined
+    assert torch.equal(started.tokens, twins.tokens) and started.counts == [1, 1]
+    assert any("corrected 003 not joined" in source for source in started.sources)
+
+    predictor.tune(task, image, labels, steps=1, learning_rate=0.0, views=0)
+    assert predictor.tuning_joined
+    predictor.tune(task, image, labels, steps=1, learning_rate=0.0, views=0, join_context=False)
+    assert not predictor.tuning_joined
+
+
 def test_a_class_that_tuning_makes_collapse_on_its_reference_stays_untuned(predictor, monkeypatch):
     """The network is replaced, for the reference check only, by maps that follow the truth while a
     class keeps its untuned embedding; a tuned posterior embedding segments nothing (a collapse), a tuned

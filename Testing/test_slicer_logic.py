@@ -315,6 +315,8 @@ def test_tune_with_its_reference_gone_still_tunes_and_says_it_was_uncalibrated(h
 
     assert logic.tuned_uncalibrated
     assert logic.task.counts[untuned.class_names.index("Body")] == untuned.counts[untuned.class_names.index("Body")] + 1
+    logic.undo()  # back to the first Tune's result, and to what the panel said of it
+    assert not logic.tuned_uncalibrated
 
 
 def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) -> None:

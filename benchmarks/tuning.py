@@ -13,46 +13,24 @@ the default number of steps (TUNING_STEPS) was chosen.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
-
-ROOT = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
-    from IrisSegmentLib.evaluation.evaluate import heldout_and_training, mean_dice, pick_references
-    from IrisSegmentLib.inference.predictor import IrisPredictor
-    from IrisSegmentLib.model.weights import default_weights_path, load_model
-    from IrisSegmentLib.segments import present_labels
+    from IrisSegmentLib.evaluation.dataset import read_case
+    from IrisSegmentLib.evaluation.evaluate import mean_dice
+    from validation_split import arguments, validation_split
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="a dataset folder (imagesTr/labelsTr/dataset.json)")
-    p.add_argument("--corrected", type=int, default=5, help="corrected patients, each tuned on separately")
-    p.add_argument("--cases", type=int, default=20, help="validation cases scored (the last N training cases left)")
+    p = arguments(__doc__)
     p.add_argument("--steps", type=int, nargs="+", default=[0, 5, 10, 20, 30], help="optimiser steps; 0: the joined context alone")
-    p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", type=Path, default=ROOT / "results")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model = load_model(args.weights or default_weights_path(), "cpu")
-    predictor = IrisPredictor(model)
-    model_note = f"model {model.model_id}, step {model.provenance.get('steps', '?')}"
-    dataset = load_dataset(args.data)
-    _, training = heldout_and_training(dataset)
-    chosen = pick_references(dataset, training, 3 + args.corrected)
-    ref_id, corrected_ids = chosen[0], chosen[3:]
-    validation_ids = [i for i in training if i not in chosen][-args.cases:]
-    if not corrected_ids or not validation_ids:
-        raise SystemExit(f"{dataset.name}: {len(training)} training cases are too few for 3 references, corrected patients and validation cases")
+    split = validation_split(args)
+    predictor, model_note, dataset, corrected_ids = split.predictor, split.model_note, split.dataset, split.corrected_ids
+    ref_id, validation_ids = split.reference_ids[0], split.validation_ids
     reference = read_case(dataset.case(ref_id))
     validation = [read_case(dataset.case(i)) for i in validation_ids]
     task = predictor.encode_reference(*reference)
@@ -66,7 +44,7 @@ def main() -> None:
         for steps in args.steps:
             start = time.perf_counter()
             if steps == 0:  # what optimising starts from
-                tuned = predictor._with_context(task, image, labels, set(present_labels(labels.array)), [reference], None, None)
+                tuned = predictor.join(task, image, labels, [reference])
             else:
                 tuned = predictor.tune(task, image, labels, steps=steps, references=[reference])
             seconds[steps].append(time.perf_counter() - start)

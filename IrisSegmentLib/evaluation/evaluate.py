@@ -33,7 +33,7 @@ from ..segments import present_labels
 from ..training.data import load_split
 from ..volume import Volume
 from .dataset import EvaluationDataset, load_dataset, read_case, split_cases
-from .metrics import mean_scores, score_labels
+from .metrics import ClassScore, mean_scores, score_labels
 from .registration import register_and_warp
 from .report import ResultRow, plot_overlay, result_rows, write_report
 
@@ -62,12 +62,15 @@ def classes_to_score(truth: Volume, label_values: list[int]) -> list[int]:
     return sorted(set(present_labels(truth.array)) & set(label_values))
 
 
+def class_scores(predictor, task: TaskEmbedding, cases: list[tuple[Volume, Volume]]) -> list[ClassScore]:
+    """The scores of every (case, scored class) of `task` on (image, truth) pairs."""
+    return [s for image, truth in cases
+            for s in score_labels(predictor.segment(image, task), truth, classes_to_score(truth, task.label_values)).values()]
+
+
 def mean_dice(predictor, task: TaskEmbedding, cases: list[tuple[Volume, Volume]]) -> float:
-    """Mean Dice over every (case, scored class) of `task` on (image, truth) pairs: one number to
-    rank settings or checkpoints by."""
-    scores = [s.dice for image, truth in cases
-              for s in score_labels(predictor.segment(image, task), truth, classes_to_score(truth, task.label_values)).values()]
-    return float(np.mean(scores))
+    """Mean Dice over every (case, scored class): one number to rank settings or checkpoints by."""
+    return float(np.mean([s.dice for s in class_scores(predictor, task, cases)]))
 
 
 def evaluate(

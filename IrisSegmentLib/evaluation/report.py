@@ -137,22 +137,86 @@ def _paired_table(rows: Sequence[ResultRow], methods: list[str], resamples: int 
     the spread between cases. Per case, the mean Dice over its scored classes; the interval is a
     95 % percentile bootstrap over cases (seeded, so a report is reproducible)."""
     first = methods[0]
-    per_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        per_case[r.method][r.case].append(r.dice)
     lines = [f"Paired against {first} (per case: mean Dice over its scored classes; 95 % bootstrap interval over cases):", "",
              "| method | cases | mean difference | 95 % interval | cases better / worse |", "|---|---|---|---|---|"]
     for method in methods[1:]:
-        cases = sorted(set(per_case[first]) & set(per_case[method]))
+        differences = _case_differences(rows, method, first)
+        cases = differences.size
         if not cases:
             continue
-        differences = np.array([np.mean(per_case[method][c]) - np.mean(per_case[first][c]) for c in cases])
-        resampled = np.random.default_rng(0).integers(0, len(cases), size=(resamples, len(cases)))  # per method: rows don't depend on each other
+        resampled = np.random.default_rng(0).integers(0, cases, size=(resamples, cases))  # per method: rows don't depend on each other
         means = differences[resampled].mean(1)
         low, high = np.percentile(means, [2.5, 97.5])
-        lines.append(f"| {method} | {len(cases)} | {differences.mean():+.3f} | {low:+.3f} to {high:+.3f} | "
+        lines.append(f"| {method} | {cases} | {differences.mean():+.3f} | {low:+.3f} to {high:+.3f} | "
                      f"{int((differences > 0).sum())} / {int((differences < 0).sum())} |")
     return lines
+
+
+def _case_differences(rows: Sequence[ResultRow], method: str, first: str) -> np.ndarray:
+    """Per case that both methods segmented, in case order: `method`'s mean Dice over the case's
+    scored classes minus `first`'s."""
+    per_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.method in (method, first):
+            per_case[r.method][r.case].append(r.dice)
+    cases = sorted(set(per_case[first]) & set(per_case[method]))
+    return np.array([np.mean(per_case[method][c]) - np.mean(per_case[first][c]) for c in cases])
+
+
+def pooled_markdown(rows: Sequence[ResultRow], first: str = "one-shot", resamples: int = 2000) -> str:
+    """Each method against `first` over several datasets' reports, paired per case.
+
+    Two means, because the sets differ in size: over all cases (the large sets dominate), and over
+    datasets (each set's mean difference weighted alike, so a small set counts as much as a large
+    one). Intervals are a 95 % percentile bootstrap stratified by dataset: every resample redraws
+    each set's cases from that set, so each keeps its size (seeded, so a report is reproducible).
+    A method is pooled over the datasets that have both it and `first`."""
+    if not rows:
+        raise InputError("no results to pool: the reports hold no rows.")
+    datasets = _ordered(r.dataset for r in rows)
+    by_set = {d: [r for r in rows if r.dataset == d] for d in datasets}
+    missing = [d for d, subset in by_set.items() if first not in {r.method for r in subset}]
+    if missing:
+        raise InputError(f"method {first!r} is not in the reports of {', '.join(missing)}: pool reports that all hold it.")
+    lines = [f"# Pooled over {len(datasets)} datasets: {', '.join(datasets)}", "",
+             f"Paired against {first}, per case (mean Dice over its scored classes); 95 % bootstrap intervals stratified by dataset.", "",
+             "| method | datasets | cases | mean over cases | 95 % interval | mean over datasets | 95 % interval | cases better / worse |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in _ordered(r.method for r in rows):
+        if method == first:
+            continue
+        parts = {d: _case_differences(subset, method, first) for d, subset in by_set.items()}
+        parts = {d: differences for d, differences in parts.items() if differences.size}
+        if not parts:
+            continue
+        rng = np.random.default_rng(0)
+        sums, set_means = np.zeros(resamples), np.zeros(resamples)
+        for differences in parts.values():
+            drawn = differences[rng.integers(0, differences.size, size=(resamples, differences.size))]
+            sums += drawn.sum(1)
+            set_means += drawn.mean(1) / len(parts)
+        every = np.concatenate(list(parts.values()))
+        over_cases = np.percentile(sums / every.size, [2.5, 97.5])
+        over_sets = np.percentile(set_means, [2.5, 97.5])
+        lines.append(f"| {method} | {len(parts)} | {every.size} | {every.mean():+.3f} | {over_cases[0]:+.3f} to {over_cases[1]:+.3f} | "
+                     f"{np.mean([d.mean() for d in parts.values()]):+.3f} | {over_sets[0]:+.3f} to {over_sets[1]:+.3f} | "
+                     f"{int((every > 0).sum())} / {int((every < 0).sum())} |")
+    lines += ["", "Per dataset (mean difference, cases):", ""]
+    lines += [f"- {d}: " + ", ".join(f"{m} {_case_differences(subset, m, first).mean():+.3f} ({_case_differences(subset, m, first).size})"
+                                      for m in _ordered(r.method for r in subset) if m != first) for d, subset in by_set.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_csv(path: str | Path) -> list[ResultRow]:
+    """Rows of a report's CSV (write_csv), to pool several reports."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    if not table or tuple(table[0]) != CSV_COLUMNS:
+        raise InputError(f"{path} is not an IrisSegment results CSV (expected columns {', '.join(CSV_COLUMNS)}).")
+    try:
+        return [ResultRow(d, c, m, k, float(dice_), float(hd95_), float(seconds)) for d, c, m, k, dice_, hd95_, seconds in table[1:]]
+    except ValueError as exc:
+        raise InputError(f"{path}: a row does not hold 7 columns with numbers in dice, hd95_mm and seconds ({exc}).") from None
 
 
 def write_summary(rows: Sequence[ResultRow], path: str | Path, baseline: str | None = None, notes: Sequence[str] = ()) -> None:

@@ -290,7 +290,7 @@ class IrisPredictor:
 
         With `join_context` the corrected scan first joins the task's context: it is encoded as one
         more reference of the task's classes it holds (one encoder pass), averaged in as a context
-        ensemble does and, with a reference at hand, calibrated on the pair (`_with_context`);
+        ensemble does and, with a reference at hand, calibrated on the pair (`join`);
         optimising starts from there. A corrected scan is a labelled scan like any reference, and on
         OpenKBP what transfers to the next patient is the encoder's view of a second patient, not an
         embedding fitted to one. On 20 validation cases (reference pt_100, five corrected patients
@@ -312,7 +312,8 @@ class IrisPredictor:
         They are optimised (Dice + BCE) to reproduce the corrected segmentation of `image` and, at
         every step, of `views` new augmented views of it (inference/views.py), meant to fit the
         structure more than this scan's pose and brightness; each view costs one more encoder and
-        decoder pass per step. Returns new embeddings.
+        decoder pass per step. Returns new embeddings; `self.tuning_joined` says whether the scan
+        joined the context.
 
         `references` are labelled scans the task must still segment, normally those it was encoded
         from. A class whose tuned embedding segments them worse by more than COLLAPSE Dice learned the
@@ -346,8 +347,13 @@ class IrisPredictor:
                 "tune on a segmentation of this task's classes."
             )
         start = 0.15 if join_context else 0.0  # the join: one encoding and two calibration passes
+        self.tuning_joined = False
         if join_context:
-            task = self._with_context(task, image, corrected, present, list(references), scaled(progress, 0.0, start), cancel)
+            joined = self.join(task, image, corrected, list(references), scaled(progress, 0.0, start), cancel, present)
+            self.tuning_joined = joined is not None
+            if joined is None:
+                joined = replace(task, sources=[*task.sources, f"{corrected.name or 'the corrected case'} not joined: its classes do not match the task's by name"])
+            task = joined
         pixels, grid = self._working_target(image, task.modality or resolve_modality(image.array, None), task.spacing)
         truth = self._truth_on_grid(corrected, grid, task.label_values)
         tiles = windows(grid.shape, self.config.working_size)
@@ -408,25 +414,27 @@ class IrisPredictor:
         _report(progress, 1.0, "tuned")
         return replace(tuned, sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps{note})"])
 
-    def _with_context(
-        self, task: TaskEmbedding, image: Volume, corrected: Volume, present: set[int], references: list[tuple[Volume, Volume]],
-        progress: Progress, cancel: Cancel,
-    ) -> TaskEmbedding:
+    def join(
+        self, task: TaskEmbedding, image: Volume, corrected: Volume, references: list[tuple[Volume, Volume]] = (),
+        progress: Progress = None, cancel: Cancel = None, present: set[int] | None = None,
+    ) -> TaskEmbedding | None:
         """`task` with the corrected scan averaged in as one more reference of the task's classes it
-        holds (`present`: its label values), named as in the task. With a reference at hand the pair is calibrated as any context
+        holds (`present`: its label values, counted here when not given), named as in the task; what
+        Tune starts optimising from. With a reference at hand the pair is calibrated as any context
         ensemble is (thresholds and island rules, leave-one-out: the reference segmented with the
         scan's embeddings and the scan with the task's), except for classes the task already averages
         over several references, which keep their calibration; without one the task's island rules
         stay. The working spacing becomes the finer of the two, as for any ensemble of two (what was
-        validated). A scan whose classes cannot be matched to the task's by name (two classes of one
-        name) is not joined, and the sources say so."""
+        validated). None for a scan whose classes cannot be matched to the task's by name (two
+        classes of one name): it cannot be joined."""
+        present = set(present_labels(corrected.array)) if present is None else present
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
         scan = self.encode_reference(image, named, classes=values, modality=task.modality or None, progress=scaled(joining, 0.0, 0.4), cancel=cancel)
         keys = task.class_keys()
         if scan.class_keys() != [keys[task.label_values.index(v)] for v in values]:
-            return replace(task, sources=[*task.sources, f"{corrected.name or 'the corrected case'} not joined: its classes do not match the task's by name"])
+            return None
         if not references:
             return replace(TaskEmbedding.ensemble([task, scan]), keep_largest=list(task.keep_largest))
         joined = self.calibrated_ensemble([task, scan], [references[0], (image, named)], scaled(joining, 0.4, 1.0), cancel)

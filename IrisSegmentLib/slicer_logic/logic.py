@@ -45,6 +45,8 @@ class _UndoState:
     task_key: tuple | None
     task_references: list[Reference]
     tunes: tuple
+    untuned: list[str]
+    tuned_uncalibrated: bool
 
 
 class _ClassValues:
@@ -258,16 +260,17 @@ class IrisSceneLogic:
         corrected = scene_bridge.labels_from_segmentation(output, target, image, None, lambda s: values.get(class_key(0, s)), allow_empty=True)
         references = self._reference_volumes(self._task_references, _ClassValues([task]))
 
-        def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume, list[str]]:
+        def work(progress: Progress, cancel: CancelRequested) -> tuple[TaskEmbedding, Volume, list[str], bool]:
             predictor = self._predictor(progress)
             tuned = predictor.tune(task, image, corrected, steps=steps, references=references, progress=scaled(progress, 0.0, 0.8), cancel=cancel, join_context=join)
-            return tuned, predictor.segment(image, tuned, scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch), list(predictor.tuning_untuned)
+            result = predictor.segment(image, tuned, scaled(progress, 0.8, 1.0), cancel, allow_modality_mismatch)
+            return tuned, result, list(predictor.tuning_untuned), predictor.tuning_joined
 
-        def finish(value: tuple[TaskEmbedding, Volume, list[str]]):
-            tuned, result, untuned = value
+        def finish(value: tuple[TaskEmbedding, Volume, list[str], bool]):
+            tuned, result, untuned, joined = value
             node = self._write(result, target, output)
             self.task, self.untuned, self._tunes = tuned, untuned, (*self._tunes, (scan, task, tuned))
-            self.tuned_uncalibrated = join and not references
+            self.tuned_uncalibrated = joined and not references
             return node
 
         return self._submit("Tuning", work, finish)
@@ -308,6 +311,7 @@ class IrisSceneLogic:
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
         scene_bridge.restore(state.node, state.content)
         self.task, self._task_key, self._task_references, self._tunes = state.task, state.task_key, state.task_references, state.tunes
+        self.untuned, self.tuned_uncalibrated = state.untuned, state.tuned_uncalibrated
         return state.node
 
     # ------------------------------------------------------------------ task files
@@ -382,7 +386,8 @@ class IrisSceneLogic:
                 scene_bridge.remove_node(node)
                 raise
             return node
-        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._tunes)
+        state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._tunes,
+                           list(self.untuned), self.tuned_uncalibrated)
         try:
             scene_bridge.write_segments(result, output, target)
         except BaseException:
