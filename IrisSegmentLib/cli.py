@@ -160,16 +160,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_pool(args: argparse.Namespace) -> None:
     from .evaluation.report import pooled_markdown, read_csv
+    from .io._files import staged_write
 
     csvs = [folder / "results.csv" for folder in args.reports]
-    absent = [str(path) for path in csvs if not path.is_file()]
-    if absent:
-        raise InputError(f"no results.csv in {', '.join(absent)}: pass report folders written by 'iris-segment evaluate'.")
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} exists; choose another --output or pass --overwrite.")
-    summary = pooled_markdown([row for path in csvs for row in read_csv(path)], args.against)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(summary, encoding="utf-8")
+    _check_output(args.output, csvs, args.overwrite)
+    rows, report_of = [], {}  # dataset -> the report (its index) it came from
+    for n, path in enumerate(csvs):
+        for row in read_csv(path):
+            if report_of.setdefault(row.dataset, n) != n:
+                raise InputError(f"dataset {row.dataset} is in {csvs[report_of[row.dataset]]} and in {path}: pool one report per dataset.")
+            rows.append(row)
+    summary = pooled_markdown(rows, args.against)
+    with staged_write(args.output, overwrite=args.overwrite) as (temporary,):
+        temporary.write_text(summary, encoding="utf-8")
     print(summary)
     print(f"written to {args.output}")
 

@@ -164,20 +164,25 @@ def test_pool_pairs_several_reports_against_one_shot(capsys, tmp_path):
     from IrisSegmentLib.evaluation.report import result_rows, write_report
 
     folders = []
-    for dataset, gain in (("SetA", 0.05), ("SetB", -0.01)):
-        rows = [row for n in range(3) for method, dice in (("one-shot", 0.7), ("ensemble-3", 0.7 + gain))
+    for dataset, cases, gain in (("SetA", 3, 0.05), ("SetB", 1, -0.01)):
+        rows = [row for n in range(cases) for method, dice in (("one-shot", 0.7), ("ensemble-3", 0.7 + gain))
                 for row in result_rows(dataset, f"{dataset}{n}", method, {1: ClassScore(dice, 2.0)}, {1: "organ"}, 1.0)]
         write_report(rows, tmp_path / dataset)
         folders.append(tmp_path / dataset)
     output = tmp_path / "pooled.md"
     out = ok(capsys, "pool", "--reports", *folders, "--output", output)
     assert output.read_text() in out
-    assert "| ensemble-3 | 2 | 6 | +0.020 | +0.020 to +0.020 | +0.020 | +0.020 to +0.020 | 3 / 3 |" in output.read_text()
+    # over cases (3 x 0.05 - 0.01) / 4, over datasets (0.05 - 0.01) / 2
+    assert "| ensemble-3 | 2 | 4 | +0.035 | +0.035 to +0.035 | +0.020 | +0.020 to +0.020 | 3 / 1 |" in output.read_text()
     fails(capsys, "pool", "--reports", *folders, "--output", output, words=["exists", "--overwrite"])
-    fails(capsys, "pool", "--reports", folders[0], tmp_path / "nowhere", "--output", tmp_path / "new.md",
-          output=tmp_path / "new.md", words=["no results.csv", "nowhere"])
-    fails(capsys, "pool", "--reports", *folders, "--output", tmp_path / "new.md", "--against", "retrieval-3",
-          output=tmp_path / "new.md", words=["'retrieval-3' is not in the reports"])
+    results = folders[0] / "results.csv"
+    before = results.read_bytes()
+    fails(capsys, "pool", "--reports", *folders, "--output", results, "--overwrite", words=["is one of the inputs"])
+    assert results.read_bytes() == before
+    new = tmp_path / "new.md"
+    fails(capsys, "pool", "--reports", folders[0], tmp_path / "nowhere", "--output", new, output=new, words=["nowhere", "not found"])
+    fails(capsys, "pool", "--reports", folders[0], folders[0], "--output", new, output=new, words=["dataset SetA is in", "one report per dataset"])
+    fails(capsys, "pool", "--reports", *folders, "--output", new, "--against", "retrieval-3", output=new, words=["'retrieval-3' is not in the reports"])
 
 
 def test_info(capsys, weights_file):

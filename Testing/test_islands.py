@@ -13,6 +13,7 @@ import torch
 from engine_fixtures import CLASS_NAMES, case, dice, model, predictor  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
+from IrisSegmentLib.inference import calibration
 from IrisSegmentLib.inference.calibration import ISLAND_MIN_GAIN, choose_keep_largest, island_gains
 from IrisSegmentLib.inference.islands import drop_islands
 from IrisSegmentLib.inference.retrieval import ReferencePool
@@ -35,7 +36,7 @@ def test_drop_islands_removes_only_the_smaller_pieces_of_flagged_classes():
     assert drop_islands(probabilities, [0.5, 0.5], [False, False]) is probabilities
 
 
-def test_a_class_keeps_its_largest_piece_only_when_every_reference_agrees():
+def test_a_class_keeps_its_largest_piece_only_when_every_reference_agrees(monkeypatch):
     truth = torch.zeros(4, 12, 12, 12)
     truth[:3, 1:6, 1:6, 1:6] = 1
     truth[1, 8:11, 8:11, 8:11] = 1  # class 1 is truly two pieces (say, lesions)
@@ -47,6 +48,10 @@ def test_a_class_keeps_its_largest_piece_only_when_every_reference_agrees():
     assert chosen == [True, False, False, True]  # no islands (class 2): no evidence; unseen (3): unchanged
     # A gain below ISLAND_MIN_GAIN is too little evidence to risk removing true pieces.
     assert choose_keep_largest([torch.tensor([ISLAND_MIN_GAIN / 2])], current=[False]) == [False]
+    # With no bar (benchmarks/islands.py), any gain qualifies, but a class with no islands anywhere does not.
+    monkeypatch.setattr(calibration, "ISLAND_MIN_GAIN", 0.0)
+    assert choose_keep_largest([torch.tensor([0.001, 0.0]), torch.tensor([0.0, 0.0])], current=[False, False]) == [True, False]
+    monkeypatch.undo()
     # One reference on which dropping the island would have cost Dice vetoes the others.
     assert choose_keep_largest([gains, -gains.clamp(min=0)], current=[False] * 4)[0] is False
 

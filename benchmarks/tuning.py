@@ -1,12 +1,11 @@
 """Tune as shipped: Dice on validation cases against the number of optimiser steps.
 
-A corrected case is one patient, so tuning is run separately on several of them. The reference is
-the one `iris-segment evaluate --references 3` uses for one-shot, and the corrected patients are the
-training cases after its three references (evaluate tunes on the first three of them). The scores are taken on other training cases, the
-validation cases, never on held-out ones, so the settings chosen here can be judged on the held-out
-cases afterwards. Each setting runs the whole `IrisPredictor.tune` (joined context, augmented views,
-check on the reference); "joined" is the joined context alone, before any optimiser step. It is how
-the default number of steps (TUNING_STEPS) was chosen.
+A corrected case is one patient, so tuning is run separately on several of them, each time from
+the one-shot task of the first reference; references, corrected patients and validation cases are
+those of benchmarks/validation_split.py (evaluate tunes on the first three corrected patients).
+Each setting runs the whole `IrisPredictor.tune` (joined context, augmented views, check on the
+reference); "joined" is the joined context alone, before any optimiser step. It is how the default
+number of steps (TUNING_STEPS) was chosen.
 
     python benchmarks/tuning.py --data ../shared/data/HeadNeck_CT [--corrected 5] [--cases 20] [--steps 0 5 10 20 30]
     python benchmarks/tuning.py --data ../shared/data/Abdomen_MRI --corrected 3   # 10 training cases: 4 left to score
@@ -45,6 +44,8 @@ def main() -> None:
             start = time.perf_counter()
             if steps == 0:  # what optimising starts from
                 tuned = predictor.join(task, image, labels, [reference])
+                if tuned is None:
+                    raise SystemExit(f"{corrected_id}: its classes cannot be matched to the reference's by name")
             else:
                 tuned = predictor.tune(task, image, labels, steps=steps, references=[reference])
             seconds[steps].append(time.perf_counter() - start)

@@ -7,8 +7,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from IrisSegmentLib.evaluation.dataset import EvaluationDataset
+    from IrisSegmentLib.inference.predictor import IrisPredictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,9 +31,9 @@ def arguments(description: str) -> argparse.ArgumentParser:
 
 @dataclass
 class ValidationSplit:
-    predictor: object  # IrisPredictor on the CPU
+    predictor: IrisPredictor  # on the CPU
     model_note: str
-    dataset: object  # EvaluationDataset
+    dataset: EvaluationDataset
     reference_ids: list[str]
     corrected_ids: list[str]
     validation_ids: list[str]

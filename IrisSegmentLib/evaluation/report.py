@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import InputError
+from ..io._files import reading
 from ..volume import Volume
 from .metrics import ClassScore, dice
 
@@ -170,7 +171,9 @@ def pooled_markdown(rows: Sequence[ResultRow], first: str = "one-shot", resample
     datasets (each set's mean difference weighted alike, so a small set counts as much as a large
     one). Intervals are a 95 % percentile bootstrap stratified by dataset: every resample redraws
     each set's cases from that set, so each keeps its size (seeded, so a report is reproducible).
-    A method is pooled over the datasets that have both it and `first`."""
+    They speak for these datasets, and a set of a few cases varies less in resampling than it would
+    in new cases, so the interval over datasets is too narrow when a small set carries a third of
+    it. A method is pooled over the datasets that have both it and `first`."""
     if not rows:
         raise InputError("no results to pool: the reports hold no rows.")
     datasets = _ordered(r.dataset for r in rows)
@@ -178,45 +181,43 @@ def pooled_markdown(rows: Sequence[ResultRow], first: str = "one-shot", resample
     missing = [d for d, subset in by_set.items() if first not in {r.method for r in subset}]
     if missing:
         raise InputError(f"method {first!r} is not in the reports of {', '.join(missing)}: pool reports that all hold it.")
+    differences = {(d, m): _case_differences(subset, m, first) for d, subset in by_set.items() for m in _ordered(r.method for r in subset) if m != first}
+    differences = {key: values for key, values in differences.items() if values.size}
     lines = [f"# Pooled over {len(datasets)} datasets: {', '.join(datasets)}", "",
-             f"Paired against {first}, per case (mean Dice over its scored classes); 95 % bootstrap intervals stratified by dataset.", "",
+             f"Paired against {first}, per case (mean Dice over its scored classes); 95 % bootstrap intervals stratified by dataset "
+             "(a set of a few cases makes the interval over datasets too narrow).", "",
              "| method | datasets | cases | mean over cases | 95 % interval | mean over datasets | 95 % interval | cases better / worse |",
              "|---|---|---|---|---|---|---|---|"]
-    for method in _ordered(r.method for r in rows):
-        if method == first:
-            continue
-        parts = {d: _case_differences(subset, method, first) for d, subset in by_set.items()}
-        parts = {d: differences for d, differences in parts.items() if differences.size}
-        if not parts:
-            continue
+    for method in _ordered(m for _, m in differences):
+        parts = [values for (_, m), values in differences.items() if m == method]
         rng = np.random.default_rng(0)
         sums, set_means = np.zeros(resamples), np.zeros(resamples)
-        for differences in parts.values():
-            drawn = differences[rng.integers(0, differences.size, size=(resamples, differences.size))]
+        for values in parts:
+            drawn = values[rng.integers(0, values.size, size=(resamples, values.size))]
             sums += drawn.sum(1)
             set_means += drawn.mean(1) / len(parts)
-        every = np.concatenate(list(parts.values()))
+        every = np.concatenate(parts)
         over_cases = np.percentile(sums / every.size, [2.5, 97.5])
         over_sets = np.percentile(set_means, [2.5, 97.5])
         lines.append(f"| {method} | {len(parts)} | {every.size} | {every.mean():+.3f} | {over_cases[0]:+.3f} to {over_cases[1]:+.3f} | "
-                     f"{np.mean([d.mean() for d in parts.values()]):+.3f} | {over_sets[0]:+.3f} to {over_sets[1]:+.3f} | "
+                     f"{np.mean([values.mean() for values in parts]):+.3f} | {over_sets[0]:+.3f} to {over_sets[1]:+.3f} | "
                      f"{int((every > 0).sum())} / {int((every < 0).sum())} |")
     lines += ["", "Per dataset (mean difference, cases):", ""]
-    lines += [f"- {d}: " + ", ".join(f"{m} {_case_differences(subset, m, first).mean():+.3f} ({_case_differences(subset, m, first).size})"
-                                      for m in _ordered(r.method for r in subset) if m != first) for d, subset in by_set.items()]
+    lines += [f"- {d}: " + ", ".join(f"{m} {values.mean():+.3f} ({values.size})" for (s, m), values in differences.items() if s == d) for d in datasets]
     return "\n".join(lines) + "\n"
 
 
 def read_csv(path: str | Path) -> list[ResultRow]:
     """Rows of a report's CSV (write_csv), to pool several reports."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    path = Path(path)
+    with reading(path, "results CSV"), open(path, newline="", encoding="utf-8") as handle:
         table = list(csv.reader(handle))
     if not table or tuple(table[0]) != CSV_COLUMNS:
         raise InputError(f"{path} is not an IrisSegment results CSV (expected columns {', '.join(CSV_COLUMNS)}).")
     try:
         return [ResultRow(d, c, m, k, float(dice_), float(hd95_), float(seconds)) for d, c, m, k, dice_, hd95_, seconds in table[1:]]
     except ValueError as exc:
-        raise InputError(f"{path}: a row does not hold 7 columns with numbers in dice, hd95_mm and seconds ({exc}).") from None
+        raise InputError(f"{path}: a row does not hold {len(CSV_COLUMNS)} columns with numbers in dice, hd95_mm and seconds ({exc}).") from None
 
 
 def write_summary(rows: Sequence[ResultRow], path: str | Path, baseline: str | None = None, notes: Sequence[str] = ()) -> None:

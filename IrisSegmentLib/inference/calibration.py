@@ -81,12 +81,14 @@ def choose_keep_largest(gains: list[torch.Tensor], current: list[bool]) -> list[
     qualify.
 
     Any gain instead of 0.01 was measured at step 9,000 (benchmarks/islands.py, validation cases)
-    and not adopted. It found the spleen's islands on CHAOS MRI, worth 0.001-0.002 Dice on a tuned
-    pair's two scans and 0.03-0.06 on other patients: Tune gained +0.013 over one-shot there instead
-    of +0.006 (3 corrected patients, 4 cases). On OpenKBP it flagged the spinal cord again (Tune
-    +0.0131 -> +0.0129, 5 patients, 20 cases). Checked once on the held-out cases, it did not carry
-    over: Abdomen Tune -0.000 -> +0.001 and ensemble +0.007 -> +0.008 (4 cases), HeadNeck Tune
-    +0.020 -> +0.018 and ensemble +0.016 -> +0.014, the ensemble's cord 0.635 -> 0.628 (51 cases)."""
+    and not adopted. On CHAOS MRI it flagged the liver, kidneys and spleen, whose islands were worth
+    0.001-0.002 Dice on a tuned pair's two scans and up to 0.06 on other patients: Tune gained +0.013
+    over one-shot instead of +0.006, and its HD95 fell from 22.5 to 7.3 mm (3 corrected patients, 4
+    cases). On OpenKBP it flagged the spinal cord again: Tune +0.0131 -> +0.0129, HD95 17.5 -> 18.3
+    mm (5 patients, 20 cases). Checked once on the held-out cases, it did not carry over: Abdomen
+    Tune -0.000 -> +0.001 (HD95 18.5 -> 18.1 mm) and ensemble +0.007 -> +0.008 (4 cases); HeadNeck
+    Tune +0.020 -> +0.018 (HD95 22.0 -> 23.3 mm) and ensemble +0.016 -> +0.014, the ensemble's cord
+    0.635 -> 0.628 (51 cases)."""
     chosen = list(current)
     stacked = torch.stack(gains)
     for k in range(stacked.shape[1]):

@@ -68,6 +68,10 @@ class IrisPredictor:
         # Counters a caller (or a test, or the benchmark) can read: work actually done.
         self.references_encoded = 0
         self.decoder_passes = 0
+        # What the last `tune` did, for its caller to report (reset when a tune starts).
+        self.tuning_joined = False  # the corrected scan joined the task's context
+        self.tuning_untuned: list[str] = []  # classes kept untuned by the check on the references
+        self.tuning_losses: list[float] = []  # loss after each optimiser step
 
     # ------------------------------------------------------------------ references
     def encode_reference(
@@ -331,25 +335,16 @@ class IrisPredictor:
         first benchmarks/tuning.py (commit b49c6c6: tuning from the reference alone, scored on held-out
         cases, which the benchmark no longer does): 0.5 gained +0.045 (Hippocampus) and +0.017
         (Abdomen) Dice where 5e-3 gained at most 0.002."""
-        self._check_task(task)
-        image.check_finite()
-        corrected.check_label_map()
-        corrected.check_matches(image)
+        self.tuning_joined, self.tuning_untuned, self.tuning_losses = False, [], []
         steps = TUNING_STEPS if steps is None else steps
         if steps < 1:
             raise InputError("the number of tuning steps must be at least 1.")
         if views < 0:
             raise InputError("the number of augmented views must be 0 or more.")
-        present = set(present_labels(corrected.array))
-        if not present & set(task.label_values):
-            raise InputError(
-                f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
-                "tune on a segmentation of this task's classes."
-            )
+        present = self._corrected_classes(task, image, corrected)
         start = 0.15 if join_context else 0.0  # the join: one encoding and two calibration passes
-        self.tuning_joined = False
         if join_context:
-            joined = self.join(task, image, corrected, list(references), scaled(progress, 0.0, start), cancel, present)
+            joined = self._join(task, image, corrected, present, list(references), scaled(progress, 0.0, start), cancel)
             self.tuning_joined = joined is not None
             if joined is None:
                 joined = replace(task, sources=[*task.sources, f"{corrected.name or 'the corrected case'} not joined: its classes do not match the task's by name"])
@@ -372,8 +367,6 @@ class IrisPredictor:
         frozen = [p.requires_grad for p in self.model.parameters()]
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.tuning_losses: list[float] = []
-        self.tuning_untuned: list[str] = []
         try:
             with _device_memory():
                 for step in range(steps):
@@ -416,18 +409,37 @@ class IrisPredictor:
 
     def join(
         self, task: TaskEmbedding, image: Volume, corrected: Volume, references: list[tuple[Volume, Volume]] = (),
-        progress: Progress = None, cancel: Cancel = None, present: set[int] | None = None,
+        progress: Progress = None, cancel: Cancel = None,
     ) -> TaskEmbedding | None:
         """`task` with the corrected scan averaged in as one more reference of the task's classes it
-        holds (`present`: its label values, counted here when not given), named as in the task; what
-        Tune starts optimising from. With a reference at hand the pair is calibrated as any context
-        ensemble is (thresholds and island rules, leave-one-out: the reference segmented with the
-        scan's embeddings and the scan with the task's), except for classes the task already averages
-        over several references, which keep their calibration; without one the task's island rules
-        stay. The working spacing becomes the finer of the two, as for any ensemble of two (what was
-        validated). None for a scan whose classes cannot be matched to the task's by name (two
-        classes of one name): it cannot be joined."""
-        present = set(present_labels(corrected.array)) if present is None else present
+        holds, named as in the task: what Tune starts optimising from. With a reference at hand the
+        pair is calibrated as any context ensemble is (thresholds and island rules, leave-one-out: the
+        reference segmented with the scan's embeddings and the scan with the task's), except for
+        classes the task already averages over several references, which keep their calibration;
+        without one the task's island rules stay. The working spacing becomes the finer of the two,
+        as for any ensemble of two (what was validated). None for a scan whose classes cannot be
+        matched to the task's by name (two classes of one name): it cannot be joined."""
+        return self._join(task, image, corrected, self._corrected_classes(task, image, corrected), list(references), progress, cancel)
+
+    def _corrected_classes(self, task: TaskEmbedding, image: Volume, corrected: Volume) -> set[int]:
+        """The label values of a corrected segmentation, checked to be one `task` can learn from."""
+        self._check_task(task)
+        image.check_finite()
+        corrected.check_label_map()
+        corrected.check_matches(image)
+        present = set(present_labels(corrected.array))
+        if not present & set(task.label_values):
+            raise InputError(
+                f"the corrected segmentation holds none of the task's classes ({', '.join(task.class_names)}); "
+                "tune on a segmentation of this task's classes."
+            )
+        return present
+
+    def _join(
+        self, task: TaskEmbedding, image: Volume, corrected: Volume, present: set[int], references: list[tuple[Volume, Volume]],
+        progress: Progress, cancel: Cancel,
+    ) -> TaskEmbedding | None:
+        """`join` for the corrected scan's checked label values `present` (Tune counts them once)."""
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
