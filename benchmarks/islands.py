@@ -5,8 +5,8 @@ largest piece of a class when, leave-one-out on its own labelled scans, the othe
 false positives, and they gained at least ISLAND_MIN_GAIN Dice on average
 (inference/calibration.py). This compares the shipped bar of 0.01 Dice with none (any gain), for the
 3-reference ensemble and for Tune on several corrected patients, each tuned separately. Scores
-are taken on validation cases from the training part, never on held-out ones; references and
-corrected patients are those `iris-segment evaluate --references 3` and benchmarks/tuning.py use.
+are taken on validation cases from the training part, never on held-out ones; references,
+corrected patients and validation cases are those of benchmarks/validation_split.py.
 
     python benchmarks/islands.py --data ../shared/data/HeadNeck_CT [--corrected 5] [--cases 20]
     python benchmarks/islands.py --data ../shared/data/Abdomen_MRI --corrected 3   # 10 training cases: 4 left to score
@@ -17,6 +17,7 @@ import json
 import sys
 
 import numpy as np
+
 
 def main() -> None:
     from IrisSegmentLib.evaluation.dataset import read_case
