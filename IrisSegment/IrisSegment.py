@@ -385,6 +385,11 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "No reference of this task is in the scene, so your corrections joined it uncalibrated and unchecked (worse on validation cases): "
                 "load a reference and segment with it before tuning."
             )
+        elif sceneLogic.tuned_unchecked:
+            self.ui.statusLabel.text += " " + _(
+                "No reference of this task is in the scene, so the tuned classes were not checked against one: "
+                "load a reference and segment with it before tuning."
+            )
 
     def _showDevice(self) -> None:
         sceneLogic = self.logic.currentSceneLogic

@@ -281,7 +281,7 @@ def test_correct_tune_resegment_improves_the_corrected_case_and_undo_restores(he
     before, after = dice(first["Body"], head_neck.target_body), dice(tuned["Body"], head_neck.target_body)
     assert after > before + 0.1, f"Body Dice {before:.3f} -> {after:.3f} after tuning"
     assert logic.task is not untuned and not torch.equal(logic.task.tokens, untuned.tokens)
-    assert not logic.tuned_uncalibrated  # the reference is in the scene: the panel gives no warning
+    assert not logic.tuned_uncalibrated and not logic.tuned_unchecked  # the reference is in the scene: the panel gives no warning
     _assert_same_state(reference_before, _reference_state(head_neck))
 
     # Segment again with the same reference: the tuned task is reused, not re-encoded.
@@ -313,10 +313,10 @@ def test_tune_with_its_reference_gone_still_tunes_and_says_it_was_uncalibrated(h
 
     _run(logic.start_tune(head_neck.target, output, steps=1))  # again on the same result: it joins anew
 
-    assert logic.tuned_uncalibrated
+    assert logic.tuned_uncalibrated and logic.tuned_unchecked
     assert logic.task.counts[untuned.class_names.index("Body")] == untuned.counts[untuned.class_names.index("Body")] + 1
     logic.undo()  # back to the first Tune's result, and to what the panel said of it
-    assert not logic.tuned_uncalibrated
+    assert not logic.tuned_uncalibrated and not logic.tuned_unchecked
 
 
 def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) -> None:
@@ -356,8 +356,10 @@ def test_tune_again_on_the_same_result_counts_the_scan_once(head_neck, logic) ->
     both = logic.task
 
     _paint(output, "Body", head_neck.target_body, head_neck.target)
+    scene_bridge.remove_node(head_neck.reference)  # nothing left to check the tuned classes on
     _run(logic.start_tune(head_neck.target, output, steps=1))
     assert added(logic.task, both) == [0] * len(both.counts) and not torch.equal(logic.task.tokens, both.tokens)
+    assert logic.tuned_unchecked and not logic.tuned_uncalibrated  # optimised unchecked, but nothing joined: the panel says so
 
 
 def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, logic, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ class _UndoState:
     task_references: list[Reference]
     tunes: tuple
     untuned: list[str]
+    tuned_unchecked: bool
     tuned_uncalibrated: bool
 
 
@@ -116,7 +117,8 @@ class IrisSceneLogic:
         self._task_key: tuple | None = None  # the sources and strategy it came from
         self._task_references: list[Reference] = []  # its references, which Tune checks tuned classes on
         self.untuned: list[str] = []  # classes the last Tune left untuned: tuning made them segment the references worse
-        self.tuned_uncalibrated = False  # the last Tune joined a scan with no reference left in the scene to calibrate the pair on
+        self.tuned_unchecked = False  # the last Tune had no reference of the task left in the scene to check its classes on
+        self.tuned_uncalibrated = False  # ... and it joined a scan, so there was none to calibrate the pair on either
         self._tunes: tuple[tuple[tuple[str, str], TaskEmbedding, TaskEmbedding], ...] = ()  # each Tune: (target, output) IDs, task tuned, result
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
@@ -270,6 +272,7 @@ class IrisSceneLogic:
             tuned, result, untuned, joined = value
             node = self._write(result, target, output)
             self.task, self.untuned, self._tunes = tuned, untuned, (*self._tunes, (scan, task, tuned))
+            self.tuned_unchecked = not references
             self.tuned_uncalibrated = joined and not references
             return node
 
@@ -311,7 +314,7 @@ class IrisSceneLogic:
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
         scene_bridge.restore(state.node, state.content)
         self.task, self._task_key, self._task_references, self._tunes = state.task, state.task_key, state.task_references, state.tunes
-        self.untuned, self.tuned_uncalibrated = state.untuned, state.tuned_uncalibrated
+        self.untuned, self.tuned_unchecked, self.tuned_uncalibrated = state.untuned, state.tuned_unchecked, state.tuned_uncalibrated
         return state.node
 
     # ------------------------------------------------------------------ task files
@@ -387,7 +390,7 @@ class IrisSceneLogic:
                 raise
             return node
         state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._tunes,
-                           list(self.untuned), self.tuned_uncalibrated)
+                           list(self.untuned), self.tuned_unchecked, self.tuned_uncalibrated)
         try:
             scene_bridge.write_segments(result, output, target)
         except BaseException:
