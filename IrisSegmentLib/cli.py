@@ -1,18 +1,66 @@
 """`iris-segment`: reference-guided 3D segmentation from the command line (nnU-Net/TotalSegmentator habits).
 
 Every user error ends with one line `error: ...` saying what to do and exit code 2; no output file
-is written unless the whole job succeeded.
+is written unless the whole job succeeded, and no input (or its color table) is ever written. Option
+values, output paths and the inputs' kinds are checked before the work starts.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, IrisError
+from .errors import InputError, IrisError, ModalityMismatch
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval", "memory")
+MAX_TUNING_STEPS = 1000  # IrisSegmentLib.inference.predictor.MAX_TUNING_STEPS, without importing torch to parse options
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")  # inputs that may have a .ctbl color table beside them
+
+
+class UsageError(IrisError):
+    """A command line argparse refuses (unknown option, missing or bad value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors reported like every other: one `error: ...` line and exit code 2 from main()."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message.rstrip('.')} (see '{self.prog} --help').")
+
+
+def _whole_number(low: int, high: int | None = None, what: str = "a whole number"):
+    """An argparse type: an integer from `low` to `high` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {what} {bounds}")
+        return value
+
+    return parse
+
+
+def _device_choice(text: str) -> str:
+    from .device import check_choice
+    from .errors import DeviceError
+
+    try:
+        return check_choice(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _modality_choice(text: str) -> str:
+    name = text.strip().upper().replace("MRI", "MR")
+    if name not in ("AUTO", "CT", "MR"):
+        raise argparse.ArgumentTypeError(f"unknown modality {text!r}: use auto, CT or MR")
+    return "auto" if name == "AUTO" else name
 
 
 def _progress_bar(description: str):
@@ -40,35 +88,122 @@ def _predictor(args: argparse.Namespace):
     return predictor
 
 
-def _check_output(path: Path, inputs: list[Path], overwrite: bool, label_map: bool = False) -> None:
-    """Refuse, before any work, an output that would overwrite an input or a file, or that cannot be written."""
-    if label_map:
-        from .io._files import file_format
-        from .io.segmentations import WRITE_SUFFIXES
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            pass
+    return a.resolve() == b.resolve()
 
-        file_format(path, WRITE_SUFFIXES, "write")
-    resolved = path.resolve()
-    if any(resolved == p.resolve() for p in inputs):
-        raise InputError(f"output {path} is one of the inputs: choose another output file, inputs are never overwritten.")
+
+def _sidecar(path: Path) -> Path | None:
+    """The .ctbl color table that belongs to a NIfTI or NRRD label map (written with it, read with it)."""
+    from .io.sidecars import color_table_path
+
+    suffix = next((s for s in LABEL_SUFFIXES if path.name.lower().endswith(s) and len(path.name) > len(s)), None)
+    return None if suffix is None or path.name.lower().endswith(".seg.nrrd") else color_table_path(path, suffix)
+
+
+def _check_output(path: Path, inputs: list[Path], overwrite: bool, kind: str = "file") -> None:
+    """Refuse, before any work, an output that is not of its kind, would replace an input, an input's color table
+    or (without --overwrite) any file, or cannot be written. `kind`: "label map", "task" or "file".
+
+    A label map written as NIfTI or NRRD brings its .ctbl color table: the table obeys the same rules."""
+    from .files import check_writable_folder, file_format
+    from .io.segmentations import WRITE_SUFFIXES
+
+    path = Path(path)
+    if kind == "label map":
+        file_format(path, WRITE_SUFFIXES, "write a label map as")
+    elif kind == "task" and not path.name.lower().endswith(".safetensors"):
+        raise InputError(f"output {path}: a task is written as a .safetensors file; name it e.g. {path.name.split('.')[0] or 'task'}.safetensors.")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder: give a file name inside it.")
+    sidecar = _sidecar(path) if kind == "label map" else None
+    for written in filter(None, (path, sidecar)):
+        if any(_same_file(written, given) for given in inputs):
+            raise InputError(f"output {written} is one of the inputs: choose another output file, inputs are never overwritten.")
+    if sidecar is not None:
+        owners = [given for given in inputs if _sidecar(given) is not None and _same_file(sidecar, _sidecar(given))]
+        if owners and sidecar.exists():
+            raise InputError(
+                f"writing {path} would replace {sidecar}, the color table that names the labels of the input {owners[0]}: "
+                "choose another output name (or a .seg.nrrd), inputs and their color tables are never overwritten."
+            )
     if path.exists() and not overwrite:
         raise InputError(f"output {path} exists: choose another name or pass --overwrite.")
-    if not path.parent.exists():
-        raise InputError(f"output folder {path.parent} does not exist: create it first.")
+    if sidecar is not None and sidecar.exists() and not overwrite:
+        raise InputError(
+            f"{sidecar} exists and would be replaced by the color table written with {path.name}: "
+            "choose another output name, or pass --overwrite to replace both."
+        )
+    check_writable_folder(path)
 
 
-def _encode_references(predictor, references: list[list[str]], classes, modality):
-    """(task per reference, (image, labels) per reference): the volumes serve ensemble calibration."""
+def _check_scan(volume, option: str) -> None:
+    """A scan given where a label map belongs is refused (and a label map where a scan belongs, by the engine)."""
+    if volume.looks_like_label_map():
+        raise InputError(
+            f"{option} {volume.name!r} looks like a label map, not a scan ({volume.describe_values()}): "
+            "give the scan (the image) there"
+            + (", and the label map after it." if option == "--reference IMAGE" else "; did you swap it with the label map?")
+        )
+
+
+def _check_labels(volume, option: str) -> None:
+    if volume.looks_like_image():
+        raise InputError(
+            f"{option} {volume.name!r} looks like a scan, not a label map ({volume.describe_values()}): "
+            "give the label map there; did you swap the image and the labels?"
+        )
+
+
+def _modality_mismatch(exc: ModalityMismatch) -> InputError:
+    return InputError(
+        f"the reference is {exc.reference} but the target looks like {exc.target}: use references of the target's modality, "
+        "or pass --allow-modality-mismatch to segment anyway (results are then unreliable)."
+    )
+
+
+def _read_references(references: list[list[str]]):
+    """(image, labels) per --reference pair, read and checked (kinds, grids) before any encoding."""
     from .io import read_image, read_label_map
 
-    tasks, volumes = [], []
+    volumes = []
     for image_path, labels_path in references:
-        volumes.append((read_image(image_path), read_label_map(labels_path)))
-        bar = _progress_bar(f"encoding {Path(labels_path).name}")
+        image = read_image(image_path)
+        _check_scan(image, "--reference IMAGE")  # first: a label map given as IMAGE is the likelier mistake to name
+        labels = read_label_map(labels_path)
+        _check_labels(labels, "--reference LABELS")
+        labels.check_matches(image)
+        volumes.append((image, labels))
+    return volumes
+
+
+def _encode_references(predictor, volumes, classes, modality):
+    """A task per (image, labels) reference; the volumes also serve ensemble calibration."""
+    tasks = []
+    for image, labels in volumes:
+        bar = _progress_bar(f"encoding {labels.name}")
         try:
-            tasks.append(predictor.encode_reference(*volumes[-1], classes, modality, progress=bar))
+            tasks.append(predictor.encode_reference(image, labels, classes, modality, progress=bar))
         finally:
             bar.close()
-    return tasks, volumes
+    return tasks
+
+
+def _check_modalities(target, volumes, tasks, modality: str, allowed: bool) -> None:
+    """The modality check segmenting makes, made before encoding: references (or task files) of another modality than the target."""
+    from .preprocessing.intensity import resolve_modality
+
+    if allowed:
+        return
+    found = resolve_modality(target.array, None)
+    given = [resolve_modality(image.array, modality) for image, _ in volumes] + [t.modality for t in tasks if t.modality]
+    other = next((m for m in given if m != found), None)
+    if other is not None:
+        raise _modality_mismatch(ModalityMismatch(other, found))
 
 
 def _ensemble(predictor, tasks, volumes):
@@ -89,43 +224,66 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from .embeddings import TaskEmbedding
     from .io import read_image, write_label_map
 
-    strategy = args.strategy or ("ensemble" if len(args.reference or []) + len(args.task or []) > 1 else "one-shot")
+    count = len(args.reference or []) + len(args.task or [])
+    strategy = args.strategy or ("ensemble" if count > 1 else "one-shot")
     given = bool(args.reference) + bool(args.task)
     if strategy == "memory":
         if given or not args.classes:
             raise InputError("--strategy memory takes --classes NAMES and no --reference/--task.")
+        if args.modality != "auto":
+            raise InputError("--modality applies to references; --strategy memory takes the modality of the classes' training set.")
     elif not given:
         raise InputError("give a reference (--reference IMAGE LABELS) or a task file (--task FILE), or use --strategy memory --classes NAMES.")
+    if strategy == "one-shot" and count > 1:
+        raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
+    if args.top_k is not None and strategy != "retrieval":
+        raise InputError(f"--top-k applies to --strategy retrieval only (this run is {strategy}).")
     inputs = [Path(args.target), *[Path(p) for pair in args.reference or [] for p in pair], *[Path(p) for p in args.task or []]]
     output = Path(args.output)
-    _check_output(output, inputs, args.overwrite, label_map=True)
+    _check_output(output, inputs, args.overwrite, kind="label map")
+    files = [TaskEmbedding.load(p).select(args.classes) for p in args.task or []]
     target = read_image(args.target)
+    _check_scan(target, "--target")
+    volumes = _read_references(args.reference or [])
+    _check_modalities(target, volumes, files, args.modality, args.allow_modality_mismatch or strategy == "memory")
     predictor = _predictor(args)
     if strategy == "memory":
         task_or_pool = predictor.memory_bank_task(args.classes)
     else:
-        tasks, volumes = _encode_references(predictor, args.reference or [], args.classes, args.modality)
-        tasks += [TaskEmbedding.load(p).select(args.classes) for p in args.task or []]
-        if strategy == "one-shot" and len(tasks) > 1:
-            raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
+        tasks = _encode_references(predictor, volumes, args.classes, args.modality) + files
         task_or_pool = tasks if strategy == "retrieval" else _ensemble(predictor, tasks, volumes)
     bar = _progress_bar("segmenting")
     try:
         if strategy == "retrieval":
-            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
+            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k or 1, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
         else:
             result = predictor.segment(target, task_or_pool, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
+    except ModalityMismatch as exc:
+        raise _modality_mismatch(exc) from None
     finally:
         bar.close()
     write_label_map(result, output, overwrite=args.overwrite)
     print(f"wrote {output} ({', '.join(s['name'] for s in result.segments.values())})")
+    _warn_missing(result)
+
+
+def _warn_missing(result) -> None:
+    """Say which classes came out empty: an all-background class is a finding to check, not a silent success."""
+    from .segments import present_labels
+
+    found = set(present_labels(result.array))
+    missing = [seg["name"] for value, seg in result.segments.items() if value not in found]
+    if missing:
+        print(f"warning: nothing found in the target for {', '.join(missing)}: check that the target shows "
+              "these structures and that the reference matches its anatomy and modality.", file=sys.stderr)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
     output = Path(args.output)
-    _check_output(output, [Path(p) for pair in args.reference for p in pair], args.overwrite)
+    _check_output(output, [Path(p) for pair in args.reference for p in pair], args.overwrite, kind="task")
+    volumes = _read_references(args.reference)
     predictor = _predictor(args)
-    task = _ensemble(predictor, *_encode_references(predictor, args.reference, args.classes, args.modality))
+    task = _ensemble(predictor, _encode_references(predictor, volumes, args.classes, args.modality), volumes)
     task.save(output)
     print(f"wrote {output}: {len(task.label_values)} classes ({', '.join(task.class_names)}) from {len(args.reference)} reference(s)")
 
@@ -135,10 +293,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from .io import read_image, read_label_map
 
     output = Path(args.output)
-    _check_output(output, [Path(args.task), Path(args.image), Path(args.labels), *[Path(p) for pair in args.reference or [] for p in pair]], args.overwrite)
+    _check_output(output, [Path(args.task), Path(args.image), Path(args.labels), *[Path(p) for pair in args.reference or [] for p in pair]],
+                  args.overwrite, kind="task")
     task = TaskEmbedding.load(args.task)
-    image, corrected = read_image(args.image), read_label_map(args.labels)
-    references = [(read_image(i), read_label_map(l)) for i, l in args.reference or []]
+    image = read_image(args.image)
+    _check_scan(image, "--image")
+    corrected = read_label_map(args.labels)
+    _check_labels(corrected, "--labels")
+    corrected.check_matches(image)
+    references = _read_references(args.reference or [])
     predictor = _predictor(args)
     bar = _progress_bar("tuning")
     try:
@@ -160,7 +323,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_pool(args: argparse.Namespace) -> None:
     from .evaluation.report import pooled_markdown, read_csv
-    from .io._files import staged_write
+    from .files import staged_write
 
     csvs = [folder / "results.csv" for folder in args.reports]
     _check_output(args.output, csvs, args.overwrite)
@@ -209,18 +372,18 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iris-segment", description="Reference-guided 3D segmentation (Iris, Gao et al. CVPR 2025).")
+    parser = _Parser(prog="iris-segment", description="Reference-guided 3D segmentation (Iris, Gao et al. CVPR 2025).")
     parser.add_argument("--version", action="version", version=f"IrisSegment {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", help="model weights file (default: the bundled model)")
-        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+        p.add_argument("--device", default="auto", type=_device_choice, help="auto (CUDA if present), cpu, cuda or cuda:N")
 
     def reference_options(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"), required=required, help="a segmented scan; repeat for several")
         p.add_argument("--classes", nargs="+", help="label values or segment names to transfer (default: all)")
-        p.add_argument("--modality", default="auto", help="auto, CT or MR (intensity normalisation)")
+        p.add_argument("--modality", default="auto", type=_modality_choice, help="auto, CT or MR (intensity normalisation)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     seg = sub.add_parser("segment", help="segment a target scan from references, task files or the memory bank")
@@ -229,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--target", required=True, help="scan to segment (NIfTI or NRRD)")
     seg.add_argument("--output", required=True, help="label map to write (.nii.gz, .nrrd or .seg.nrrd)")
     seg.add_argument("--strategy", choices=STRATEGIES, help="default: one-shot for one reference, ensemble for several")
-    seg.add_argument("--top-k", type=int, default=1, help="retrieval: references averaged per class")
+    seg.add_argument("--top-k", type=_whole_number(1, what="a number of references"), help="retrieval: references averaged per class (default 1)")
     seg.add_argument("--allow-modality-mismatch", action="store_true", help="segment even if reference and target modality differ")
     model_options(seg)
     seg.set_defaults(func=cmd_segment)
@@ -244,11 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--task", required=True)
     tune.add_argument("--image", required=True, help="the scan that was corrected")
     tune.add_argument("--labels", required=True, help="its corrected label map")
-    tune.add_argument("--output", required=True, help="tuned task file to write")
+    tune.add_argument("--output", required=True, help="tuned task file to write (.safetensors)")
     tune.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                       help="a scan the task was encoded from: the corrected scan's context is calibrated with the first, and a class "
                            "that tuning makes segment one worse stays untuned (repeat for several; strongly advised)")
-    tune.add_argument("--steps", type=int, help="optimiser steps (default: the engine's, 10)")
+    tune.add_argument("--steps", type=_whole_number(1, MAX_TUNING_STEPS, "a number of steps"),
+                      help=f"optimiser steps, 1 to {MAX_TUNING_STEPS} (default: the engine's, 10)")
     tune.add_argument("--overwrite", action="store_true")
     model_options(tune)
     tune.set_defaults(func=cmd_tune)
@@ -265,14 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="model vs registration baseline on a labelled dataset, with a report")
     evaluate.add_argument("--data", type=Path, required=True, help="dataset folder: dataset.json, imagesTr/, labelsTr/")
     evaluate.add_argument("--output", type=Path, required=True, help="report folder")
-    evaluate.add_argument("--references", type=int, default=1, help="K reference cases (ensemble and retrieval use all K)")
+    evaluate.add_argument("--references", type=_whole_number(1, what="a number of cases"), default=1, help="K reference cases (ensemble and retrieval use all K)")
     evaluate.add_argument("--strategy", nargs="+", choices=("one-shot", "ensemble", "retrieval", "tune"), default=["one-shot"])
     evaluate.add_argument("--baseline", choices=["registration", "none"], default="registration")
-    evaluate.add_argument("--cases", type=int, help="only the first N held-out cases")
-    evaluate.add_argument("--tune-steps", type=int, help="optimiser steps of each tuning (default: the engine's, 10)")
-    evaluate.add_argument("--tuning-cases", type=int, default=3,
+    evaluate.add_argument("--cases", type=_whole_number(1, what="a number of cases"), help="only the first N held-out cases")
+    evaluate.add_argument("--tune-steps", type=_whole_number(1, MAX_TUNING_STEPS, "a number of steps"), help="optimiser steps of each tuning (default: the engine's, 10)")
+    evaluate.add_argument("--tuning-cases", type=_whole_number(1, what="a number of cases"), default=3,
                           help="tune separately on each of N corrected training cases and report the mean (one case is one draw)")
-    evaluate.add_argument("--overlays", type=int, default=3, help="slice overlays for the first N cases")
+    evaluate.add_argument("--overlays", type=_whole_number(0, what="a number of cases"), default=3, help="slice overlays for the first N cases")
     model_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -295,11 +459,19 @@ def main(argv: list[str] | None = None) -> int:
 
         train_main(argv[1:])
         return 0
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        if args.func is None:  # 'train' not first: its options belong to python -m IrisSegmentLib.training
+            raise UsageError("train takes its options after it: iris-segment train --data ... (see python -m IrisSegmentLib.training --help).")
         args.func(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
     except IrisError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: the computer ran out of memory: close other programs, or crop the scan to the region of interest "
+              "(Slicer: Crop Volume); nothing was written.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)

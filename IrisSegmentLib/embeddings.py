@@ -22,10 +22,17 @@ FORMAT = "iris-segment-task"
 FORMAT_VERSION = "1"
 
 
+def name_key(name: str) -> str:
+    """A segment name as classes are matched by name: case, underscores and runs of spaces ignored, so
+    "kidney_left", "Kidney left" and "kidney  left" name one class (a .ctbl written by Slicer reads
+    underscores back as spaces)."""
+    return " ".join(str(name).replace("_", " ").split()).lower()
+
+
 def class_key(value: int, segment: dict) -> str:
     """How classes of different references are matched: terminology (unless Slicer's generic
-    default), else name, else label value."""
-    return class_terminology(segment.get("terminology")) or (segment.get("name") or "").strip().lower() or f"label {value}"
+    default), else name (see `name_key`), else label value."""
+    return class_terminology(segment.get("terminology")) or name_key(segment.get("name") or "") or f"label {value}"
 
 
 def class_keys(label_values: list[int], segments: dict[int, dict]) -> list[str]:
@@ -75,7 +82,7 @@ class TaskEmbedding:
             return self
         rows = []
         for c in classes:
-            matches = [i for i, (v, n) in enumerate(zip(self.label_values, self.class_names)) if str(c) == str(v) or str(c).lower() == n.lower()]
+            matches = [i for i, (v, n) in enumerate(zip(self.label_values, self.class_names)) if str(c) == str(v) or name_key(str(c)) == name_key(n)]
             if not matches:
                 raise InputError(f"the task has no class {c!r}; it has: {', '.join(f'{v} ({n})' for v, n in zip(self.label_values, self.class_names))}.")
             rows.append(matches[0])
@@ -151,10 +158,15 @@ class TaskEmbedding:
             "thresholds": json.dumps(self.thresholds),
             "keep_largest": json.dumps(self.keep_largest),
         }
-        save_tensors(path, {"tokens": self.tokens.float()}, meta)
+        try:
+            save_tensors(path, {"tokens": self.tokens.float()}, meta)
+        except OSError as exc:
+            raise InputError(f"could not write {path} ({exc.strerror or exc}); nothing was written. Choose a folder you can write to.") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskEmbedding":
+        if Path(path).is_dir():
+            raise WeightsError(f"{path} is a folder; give a task file (.safetensors) written by 'iris-segment encode' or Save task in Slicer.")
         tensors, meta = load_tensors(path)
         if meta.get("format") != FORMAT:
             raise WeightsError(f"{path}: not an IrisSegment task file (format {meta.get('format')!r}); create one with 'iris-segment encode' or Save task in Slicer.")
@@ -168,7 +180,7 @@ class TaskEmbedding:
                 [float(t) for t in json.loads(meta.get("thresholds", "[]"))],  # files written before calibration: 0.5
                 list(json.loads(meta.get("keep_largest", "[]"))),  # files written before island removal: keep every piece
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None
         if not torch.isfinite(task.tokens).all():
             raise WeightsError(f"{path}: the task embeddings hold NaN or infinite values; the file is corrupt.")

@@ -13,6 +13,20 @@ class InputError(IrisError, ValueError):
     """An image, label map or option the user gave cannot be used as it is."""
 
 
+class ModalityMismatch(InputError):
+    """The references' modality (CT or MR) is not the target's.
+
+    `reference` and `target` name the two modalities, so each front end can say how to override the
+    check in its own words (the CLI's --allow-modality-mismatch, the panel's check box)."""
+
+    def __init__(self, reference: str, target: str) -> None:
+        self.reference, self.target = reference, target
+        super().__init__(
+            f"the reference is {reference} but the target looks like {target}: use a reference of the target's modality "
+            "(or override the modality check if you are sure; results are then unreliable)."
+        )
+
+
 class WeightsError(IrisError):
     """A weights or task-embedding file is missing, corrupt, foreign or from another model."""
 

@@ -28,9 +28,10 @@ def class_terminology(tag: str | None) -> str:
 
 
 def present_labels(labels: np.ndarray) -> list[int]:
-    """Sorted non-zero values of a non-negative integer label array."""
+    """Sorted non-zero values of a non-negative integer label array (of any integer, boolean or
+    whole-number floating-point type, as Volume.check_label_map allows)."""
     top = int(labels.max())
-    if top >= 1 << 16:
+    if top >= 1 << 16 or labels.dtype.kind not in "iub":
         return [int(v) for v in np.unique(labels) if v]
     # bincount is much faster than np.unique, but copies its input to int64: count in chunks to bound memory.
     counts = np.zeros(top + 1, dtype=np.int64)

@@ -6,7 +6,8 @@ segmentations (its scene hookup registers the segmentation converter rules), sub
 (which removes a node's display and storage nodes with it). `slicer.util` reaches the scene and the
 volumes/segmentations logics through `slicer.mrmlScene` and `slicer.modules`, so those are set too.
 
-Use it from a test module with `from slicer_scene import mrml_scene  # noqa: F401` (a fixture).
+Use it from a test module with `from slicer_scene import mrml_scene  # noqa: F401` (a fixture), or
+`with scene_context() as scene:` from a script.
 """
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ def _quiet(vtk) -> Iterator[None]:
         vtk.vtkLogger.SetStderrVerbosity(verbosity)
 
 
-@pytest.fixture
-def mrml_scene() -> Iterator[object]:
-    """A fresh, empty-of-data scene for each test, installed as `slicer.mrmlScene`."""
-    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's Qt-free libraries, the 'test' extra) is not installed")
+@contextmanager
+def scene_context() -> Iterator[object]:
+    """A fresh scene installed as `slicer.mrmlScene` (with `slicer.modules`) for the `with` block; for
+    scripts (docs/make_screenshot.py) as for the fixture."""
+    import slicer
     import vtk
 
     scene = slicer.vtkMRMLScene()
@@ -74,3 +76,11 @@ def mrml_scene() -> Iterator[object]:
             for logic in logics.values():
                 logic.SetMRMLScene(None)
             scene.Clear(True)
+
+
+@pytest.fixture
+def mrml_scene() -> Iterator[object]:
+    """A fresh, empty-of-data scene for each test, installed as `slicer.mrmlScene`."""
+    pytest.importorskip("slicer", reason="slicer-core (Slicer's Qt-free libraries, the 'test' extra) is not installed")
+    with scene_context() as scene:
+        yield scene

@@ -51,3 +51,18 @@ def make_affine(directions: np.ndarray, spacing, origin) -> np.ndarray:
     affine[:3, :3] = np.asarray(directions, dtype=np.float64) @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
+
+
+def read_only_folder(root: Path) -> Path | None:
+    """A folder in which no file can be created: a new read-only one under `root`, or, as root (who
+    writes through permission bits), /sys; None when neither refuses a write."""
+    folder = root / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / ".probe").touch()
+            (candidate / ".probe").unlink()
+        except OSError:
+            return candidate
+    return None

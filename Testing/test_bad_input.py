@@ -122,7 +122,8 @@ def test_cli_refuses_2d_and_4d_files(capsys, folder, weights_file, shape, words)
 
 def test_degenerate_geometry():
     _raises(InputError, "singular", call=lambda: Volume(np.zeros((4, 4, 4)), np.diag([1.0, 0.0, 1.0, 1.0])))
-    _raises(InputError, "finite 4x4", call=lambda: Volume(np.zeros((4, 4, 4)), np.full((4, 4), np.nan)))
+    _raises(InputError, "NaN or infinite", call=lambda: Volume(np.zeros((4, 4, 4)), np.full((4, 4), np.nan)))
+    _raises(InputError, "4x4", call=lambda: Volume(np.zeros((4, 4, 4)), np.eye(3)))
     _raises(InputError, "empty", call=lambda: Volume(np.zeros((4, 0, 4)), np.eye(4)))
 
 
@@ -150,15 +151,125 @@ def test_constant_image(predictor):
     _raises(InputError, "constant", call=lambda: predictor.segment(Volume(np.full(image.shape, 7.0), image.affine), task))
 
 
-def test_tiny_target_is_segmented_or_refused_clearly(predictor):
+def test_tiny_target_is_refused_clearly(predictor):
     image, labels = case("001")
     task = predictor.encode_reference(image, labels)
     tiny = Volume(image.array[10:18, 20:28, 10:18], image.affine, name="tiny crop")
-    try:
-        result = predictor.segment(tiny, task)
-    except IrisError:
-        return
-    assert result.shape == tiny.shape
+    _raises(InputError, "tiny crop", "8.0 mm long", "needs at least", call=lambda: predictor.segment(tiny, task))
+
+
+# ---------------------------------------------------------------- what the network can see
+def _slices(volume: Volume, count: int, spacing) -> Volume:
+    """`count` slices of a scan, on a grid of the given voxel size."""
+    middle = volume.shape[2] // 2
+    return Volume(np.ascontiguousarray(volume.array[:, :, middle : middle + count]), np.diag([*spacing, 1.0]), name=f"{count} slices")
+
+
+@pytest.mark.parametrize("count, spacing, words", [
+    (1, (1.0, 1.0, 1.0), ("1.0 mm long along voxel axis 2", "1 voxel of 1.00 mm")),
+    (4, (0.25, 0.25, 10.0), ("8.5 mm long along voxel axis 0", "34 voxels of 0.25 mm")),
+    (1, (1.0, 1.0, 10.0), ("10.0 mm long along voxel axis 2", "1 voxel of 10.00 mm")),
+])
+def test_a_target_too_thin_for_the_network_is_refused(predictor, count, spacing, words):
+    """A single slice, or a few: the working grid would be padding around them, and the network finds nothing
+    (the shipped model gave all background, exit 0). The least is one voxel of the coarsest features: 16
+    working voxels, 12.8 mm at the 0.797 mm working spacing of this reference."""
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    target, _ = case("003")
+    thin = _slices(target, count, spacing)
+    _raises(InputError, *words, "needs at least 12.8 mm", "working spacing of 0.80 mm", call=lambda: predictor.segment(thin, task))
+    _raises(InputError, "the reference", call=lambda: predictor.encode_reference(thin, Volume(np.ones(thin.shape, np.uint8), thin.affine)))
+    assert predictor.decoder_passes == 0
+
+
+def test_a_target_just_thick_enough_is_segmented(predictor):
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    target, _ = case("003")
+    thick = _slices(target, 5, (1.0, 1.0, 3.0))  # 15 mm along its slices
+    assert predictor.segment(thick, task).shape == thick.shape
+
+
+@pytest.mark.parametrize("dtype, words", [(np.complex64, ("complex-valued", "magnitude")), ("rgb", ("color or vector", "grayscale"))])
+def test_complex_and_color_volumes_are_refused(predictor, dtype, words):
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    if dtype == "rgb":
+        array = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        array["R"] = image.array
+    else:
+        array = image.array.astype(dtype)
+    odd = Volume(array, image.affine, name="odd")
+    _raises(InputError, "odd", *words, call=lambda: predictor.segment(odd, task))
+    _raises(InputError, "odd", *words, call=lambda: predictor.encode_reference(odd, labels))
+    _raises(InputError, "odd", *words, call=lambda: predictor.tune(task, odd, labels, steps=1))
+
+
+def test_huge_intensities_segment_as_the_same_scan_at_a_usual_scale(predictor):
+    """float32 statistics overflow near 1e18 (the normalised scan came out all zero); MR normalisation does not
+    depend on the scale, so a scan at 1e18, or at 1e40 (beyond float32), segments as the scan itself."""
+    image, labels = case("001")
+    target, _ = case("003")
+    task = predictor.encode_reference(image, labels)
+    expected = predictor.segment(target, task).array
+    assert expected.any()
+    for scale in (1e18, 1e40):
+        scaled = Volume(target.array.astype(np.float64) * scale, target.affine, name="scaled")
+        np.testing.assert_array_equal(predictor.segment(scaled, task).array, expected)
+    tiny = Volume(target.array.astype(np.float64) * 1e-30, target.affine, name="tiny")
+    np.testing.assert_array_equal(predictor.segment(tiny, task).array, expected)
+    big_reference = Volume(image.array.astype(np.float32) * np.float32(1e25), image.affine, name="reference at 1e25")
+    torch.testing.assert_close(predictor.encode_reference(big_reference, labels).tokens, task.tokens)
+
+
+def test_ct_intensities_are_kept_as_they_are(predictor):
+    """CT is windowed in Hounsfield units first: no rescaling, however large the outliers."""
+    from IrisSegmentLib.inference.predictor import _in_float32_range
+
+    array = np.full((4, 4, 4), -1000.0)
+    array[0, 0, 0] = 1e30
+    assert _in_float32_range(array, "CT") is array
+    assert _in_float32_range(array, "MR") is not array
+
+
+def test_a_reference_class_too_small_to_encode_is_refused(predictor):
+    image, labels = case("001")
+    one = labels.array.copy()
+    one[one == 2] = 0
+    point = np.argwhere(labels.array == 2)[0]
+    one[tuple(point)] = 2
+    dot = Volume(one, labels.affine, "one voxel", {1: {"name": "big"}, 2: {"name": "dot"}})
+    error = _raises(InputError, "'dot' covers", "fewer than 8", "--classes", call=lambda: predictor.encode_reference(image, dot))
+    assert "'big'" not in str(error)
+    assert predictor.min_class_voxels == 8
+    assert predictor.encode_reference(image, dot, classes=["big"]).class_names == ["big"]
+    assert predictor.encode_reference(image, dot, skip_small=True).class_names == ["big"]
+    assert predictor.skipped_small == ["dot"]
+
+
+def test_a_scan_given_as_the_label_map_is_refused(predictor):
+    """A uint8 scan read as a label map passes as 100-odd classes (tune took it so); its voxels are not piecewise constant."""
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    assert image.array.dtype == np.uint8 and not labels.looks_like_image() and not image.looks_like_label_map()
+    as_labels = Volume(image.array, image.affine, "the scan")
+    assert as_labels.looks_like_image() and labels.looks_like_label_map()
+    _raises(InputError, "'the scan' looks like a scan", "distinct values", call=lambda: predictor.encode_reference(image, as_labels))
+    _raises(InputError, "'the scan' looks like a scan", call=lambda: predictor.tune(task, image, as_labels, steps=1))
+
+
+def test_a_float_image_as_the_correction_is_an_input_error(predictor):
+    """A float volume as the correction: whole numbers (a scan stored as float) raised a TypeError in tune."""
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    whole = Volume(image.array.astype(np.float64), image.affine, "float scan")
+    _raises(InputError, "looks like a scan", call=lambda: predictor.tune(task, image, whole, steps=1))
+    fractional = Volume(image.array.astype(np.float64) + 0.5, image.affine, "fractional")
+    _raises(InputError, "non-integer", call=lambda: predictor.tune(task, image, fractional, steps=1))
+    # A float label map of whole numbers is a label map.
+    as_float = Volume(labels.array.astype(np.float32), labels.affine, "float labels", labels.segments)
+    assert predictor.tune(task, image, as_float, steps=1, views=0).label_values == task.label_values
 
 
 # ---------------------------------------------------------------- files the CLI cannot read
@@ -313,9 +424,78 @@ def test_tuning_on_labels_without_the_task_classes(predictor):
     other = Volume(np.where(labels.array > 0, 7, 0).astype(np.uint8), labels.affine, "other classes")
     _raises(InputError, "none of the task's classes", call=lambda: predictor.tune(task, image, other, steps=1))
     _raises(InputError, "at least 1", call=lambda: predictor.tune(task, image, labels, steps=0))
+    # cancel: a tune that took the step count would stop at once (and not run for ever) rather than pass
+    _raises(InputError, "at most 1000", call=lambda: predictor.tune(task, image, labels, steps=99999999999999999999, cancel=lambda: True))
+    assert predictor.references_encoded == 1 and not predictor.tuning_losses  # refused before any work
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1.5, True])
+def test_retrieval_top_k_below_one_is_refused_before_any_work(predictor, top_k):
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    target, _ = case("003")
+    _raises(InputError, "top-k", "at least 1", call=lambda: predictor.segment_with_retrieval(target, [task], top_k=top_k))
+    _raises(InputError, "top-k", call=lambda: predictor.retrieve(target, [task], top_k=top_k))
+    assert predictor.decoder_passes == 0
+
+
+# ---------------------------------------------------------------- memory bank
+def _bank_model(norms: dict[str, float]):
+    model = random_model(0, memory_classes=tuple(norms))
+    with torch.no_grad():
+        for row, norm in enumerate(norms.values()):
+            entry = torch.randn(model.memory_bank.shape[1:])
+            model.memory_bank[row] = entry / entry.norm() * norm
+    return model
+
+
+def test_memory_bank_needs_a_class_name():
+    predictor = IrisPredictor(_bank_model({"SetA/x": 100.0}))
+    for names in ([], None):
+        _raises(InputError, "at least one memory-bank class", call=lambda: predictor.memory_bank_task(names))
+
+
+def test_memory_bank_rows_learned_too_rarely_are_refused():
+    """Rows of rarely drawn classes keep an early, much smaller embedding and segment nothing (the shipped
+    model's TotalSeg_CT_example rows: 4-16 % of a well-trained row's norm; all background on their own scan)."""
+    predictor = IrisPredictor(_bank_model({"SetA/x": 100.0, "SetA/y": 100.0, "SetB/z": 10.0, "SetB/w": 12.0, "SetC/v": 30.0}))
+    assert predictor.memory_bank_task(["x", "y", "v"]).class_names == ["x", "y", "v"]  # 30 % of the scale is kept
+    error = _raises(InputError, "SetB/z (10 %)", "seen too rarely", "--reference", "usable with these weights come from: SetA, SetC",
+                    call=lambda: predictor.memory_bank_task(["x", "z"]))
+    assert "SetA/x" not in str(error)
+    _raises(InputError, "SetB/z (10 %), SetB/w (12 %)", call=lambda: predictor.memory_bank_task(["z", "w"]))
+
+
+def test_memory_bank_refuses_the_shipped_model_s_untrained_rows():
+    from IrisSegmentLib.model.weights import default_weights_path
+
+    if not default_weights_path().is_file():
+        pytest.skip(f"the shipped weights are not at {default_weights_path()}")
+    predictor = IrisPredictor(load_model(None, "cpu"))
+    _raises(InputError, "TotalSeg_CT_example/liver", "seen too rarely", call=lambda: predictor.memory_bank_task(["TotalSeg_CT_example/liver"]))
+    assert predictor.memory_bank_task(["HeadNeck_CT/mandible"]).class_names == ["mandible"]
+    _raises(InputError, "CT and MR", call=lambda: predictor.memory_bank_task(["HeadNeck_CT/mandible", "Abdomen_MRI/liver"]))
 
 
 # ---------------------------------------------------------------- devices
+def test_out_of_memory_error_type_for_torch_before_2_5(monkeypatch):
+    """torch 2.2 (the last for macOS x86_64, Slicer's build there) has torch.cuda.OutOfMemoryError only."""
+    from types import SimpleNamespace
+
+    from IrisSegmentLib import device
+    from IrisSegmentLib.inference.predictor import _device_memory
+
+    class CudaOOM(RuntimeError):
+        pass
+
+    assert device.out_of_memory_error(SimpleNamespace(cuda=SimpleNamespace(OutOfMemoryError=CudaOOM))) is CudaOOM
+    assert device.out_of_memory_error(torch) is getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)  # as in torch < 2.5
+    with pytest.raises(DeviceError, match="GPU ran out of memory"):
+        with _device_memory():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_cuda_requested_without_a_gpu(weights_file, capsys):
     for choice in ("cuda", "cuda:0", "CUDA"):
@@ -329,6 +509,7 @@ def test_cuda_requested_without_a_gpu(weights_file, capsys):
 
 def test_unknown_device():
     _raises(DeviceError, "unknown device", "'tpu'", call=lambda: resolve_device("tpu"))
+    _raises(DeviceError, "unknown device", "'cuda:x'", call=lambda: resolve_device("cuda:x"))  # a torch RuntimeError before
 
 
 # ---------------------------------------------------------------- cancellation

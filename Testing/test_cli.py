@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path, require_data, weights_file  # noqa: F401
+from support import read_only_folder
 from IrisSegmentLib.cli import main
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.inference.predictor import TUNING_STEPS
@@ -81,10 +82,7 @@ def check_output(path: Path, target: Path, names: dict[int, str]) -> Volume:
     assert present, "nothing segmented: the value and name checks would be empty"
     assert present <= set(names), f"unexpected label values {present - set(names)}"
     written = {v: result.segments[v]["name"] for v in present}
-    if path.name.endswith(".seg.nrrd"):
-        assert written == {v: names[v] for v in present}
-    else:  # a .ctbl sidecar stores one-word names: underscores come back as spaces, as in Slicer (documented)
-        assert written == {v: names[v].replace("_", " ") for v in present}
+    assert written == {v: names[v] for v in present}  # exactly, from a .seg.nrrd and from a .ctbl sidecar alike
     return result
 
 
@@ -278,3 +276,267 @@ def test_module_entry_point_exit_code(tmp_path, files, weights_file):
     assert proc.returncode == 2, proc.stderr
     assert "error: class '9'" in proc.stderr and "Traceback" not in proc.stderr
     assert not output.exists()
+
+
+# ---------------------------------------------------------------- bad inputs found before the work, with one clear line
+def _save(array: np.ndarray, path: Path, affine=None) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def _no_work(err: str) -> None:
+    """The model was never loaded: the problem was found before any work (loading prints 'model ... on ...')."""
+    assert "model " not in err, err
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    folder = read_only_folder(tmp_path)
+    if folder is None:
+        pytest.skip("no read-only folder available here")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["encode", "tune", "segment"])
+def test_output_in_a_read_only_folder_is_refused_before_the_work(capsys, tmp_path, files, weights_file, command):
+    folder = _read_only_folder(tmp_path)
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    output = folder / ("seg.nii.gz" if command == "segment" else "out.safetensors")
+    argv = {
+        "encode": ["encode", "--reference", files["image1"], files["labels1"]],
+        "tune": ["tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"]],
+        "segment": ["segment", "--task", task_path, "--target", files["target"]],
+    }[command]
+    rc, _, err = run(capsys, *argv, "--output", output, "--weights", weights_file)
+    assert rc == 2 and "error: cannot write" in err and "not writable" in err and "Traceback" not in err, err
+    _no_work(err)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["encode", "tune"])
+def test_a_task_is_written_as_safetensors_only(capsys, tmp_path, files, weights_file, command):
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    output = tmp_path / "task.nii.gz"
+    argv = ["encode", "--reference", files["image1"], files["labels1"]] if command == "encode" else \
+        ["tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"]]
+    fails(capsys, *argv, "--output", output, "--weights", weights_file, output=output, words=(".safetensors",))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_top_k_below_one_is_refused_before_the_work(capsys, tmp_path, files, weights_file, value):
+    output = tmp_path / "seg.nii.gz"
+    error = fails(capsys, "segment", "--strategy", "retrieval", "--top-k", value, "--reference", files["image1"], files["labels1"],
+                  "--reference", files["image3"], files["labels3"], "--target", files["target"], "--output", output,
+                  "--weights", weights_file, output=output, words=("--top-k",))
+    assert "at least 1" in error or "not a number of references" in error
+
+
+def test_top_k_without_retrieval_is_refused(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--top-k", "2", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], files["labels3"],
+          "--target", files["target"], "--output", output, "--weights", weights_file, output=output, words=("--top-k", "retrieval", "ensemble"))
+
+
+@pytest.mark.parametrize("steps", ["99999999999999999999", "1001", "0", "-3"])
+def test_tune_steps_are_bounded(capsys, tmp_path, files, weights_file, steps):
+    """Checked when parsing: the task file does not even exist here."""
+    output = tmp_path / "tuned.safetensors"
+    fails(capsys, "tune", "--task", tmp_path / "nowhere.safetensors", "--image", files["image3"], "--labels", files["labels3"],
+          "--steps", steps, "--output", output, "--weights", weights_file, output=output, words=("--steps", "from 1 to 1000"))
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--device", "tpu", ("--device", "unknown device 'tpu'")),
+    ("--device", "cuda:x", ("--device", "unknown device")),
+    ("--modality", "PET", ("--modality", "unknown modality 'PET'")),
+])
+def test_bad_option_values_are_refused_when_parsing(capsys, tmp_path, files, weights_file, option, value, words):
+    output = tmp_path / "seg.nii.gz"
+    rc, _, err = run(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", tmp_path / "missing.nii.gz",
+                     "--output", output, "--weights", weights_file, option, value)
+    assert rc == 2 and "missing.nii.gz" not in err, err  # found before any file is read
+    assert all(word in err for word in words) and "Traceback" not in err, err
+
+
+def test_evaluate_counts_are_checked_when_parsing(capsys, tmp_path):
+    for option in ("--cases", "--references", "--tuning-cases", "--tune-steps"):
+        fails(capsys, "evaluate", "--data", tmp_path / "nowhere", "--output", tmp_path / "report", option, "0", words=(option,))
+    assert not (tmp_path / "report").exists()
+
+
+def test_usage_errors_are_one_error_line(capsys, tmp_path):
+    fails(capsys, "segment", "--target", tmp_path / "t.nii.gz", words=("--output",))
+    fails(capsys, "segmnt", words=("invalid choice",))
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and "IrisSegment" in out
+
+
+def test_complex_and_color_targets_are_refused(capsys, tmp_path, files, weights_file):
+    image = read_image(files["target"])
+    rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = image.array.astype(np.uint8)
+    for name, array, words in [("complex.nii", image.array.astype(np.complex64), ("complex-valued",)),
+                               ("color.nii.gz", rgb, ("color or vector", "grayscale"))]:
+        target = _save(array, tmp_path / name, image.affine)
+        output = tmp_path / "seg.nii.gz"
+        rc, _, err = run(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", target, "--output", output,
+                         "--weights", weights_file)
+        assert rc == 2 and name in err and all(w in err for w in words) and "Traceback" not in err, err
+        _no_work(err)
+        assert not output.exists()
+
+
+def test_a_header_claiming_4000_cubed_voxels_is_refused(capsys, tmp_path, files, weights_file):
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))
+    header["vox_offset"] = 352
+    target = tmp_path / "huge.nii.gz"
+    target.write_bytes(gzip.compress(header.binaryblock + bytes(4) + bytes(256)))
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", target, "--output", output,
+          "--weights", weights_file, output=output, words=("4000 x 4000 x 4000", "more than IrisSegment can load"))
+
+
+def test_a_single_slice_target_is_refused(capsys, tmp_path, files, weights_file):
+    image = read_image(files["target"])
+    target = _save(np.ascontiguousarray(image.array[:, :, 17:18]), tmp_path / "slice.nii.gz", image.affine)
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", target, "--output", output,
+          "--weights", weights_file, output=output, words=("1.0 mm long", "needs at least", "more slices"))
+
+
+def test_classes_found_nowhere_are_named_in_a_warning(capsys):
+    """An all-background class is written (the file keeps every class) and said on stderr, never passed over."""
+    from IrisSegmentLib.cli import _warn_missing
+
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:4, 2:4, 2:4] = 1
+    _warn_missing(Volume(labels, np.eye(4), "seg", {1: {"name": "liver"}, 2: {"name": "gallbladder"}, 3: {"name": "pancreas"}}))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: nothing found in the target for gallbladder, pancreas:") and "liver" not in err
+    _warn_missing(Volume(labels, np.eye(4), "seg", {1: {"name": "liver"}}))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_target_at_1e18_segments_as_the_scan_itself(capsys, tmp_path, files, weights_file):
+    image = read_image(files["target"])
+    scaled = _save(image.array.astype(np.float32) * np.float32(1e18), tmp_path / "scaled.nii.gz", image.affine)
+    plain, big = tmp_path / "plain.nii.gz", tmp_path / "big.nii.gz"
+    for target, output in ((files["target"], plain), (scaled, big)):
+        ok(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", target, "--output", output, "--weights", weights_file)
+    assert read_label_map(plain).array.any()
+    np.testing.assert_array_equal(read_label_map(big).array, read_label_map(plain).array)
+
+
+def test_a_label_map_as_the_target_or_swapped_reference_is_refused(capsys, tmp_path, files, weights_file):
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], files["labels1"], "--target", files["labels3"], "--output", output,
+          "--weights", weights_file, output=output, words=("--target", "looks like a label map", "swap"))
+    fails(capsys, "segment", "--reference", files["labels1"], files["image1"], "--target", files["target"], "--output", output,
+          "--weights", weights_file, output=output, words=("--reference image", "looks like a label map"))
+
+
+def test_tune_with_image_and_labels_swapped_is_refused(capsys, tmp_path, files, weights_file):
+    """The uint8 scan read as a label map was tuned on as a 100-odd class segmentation."""
+    task_path = tmp_path / "task.safetensors"
+    ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
+    scan = tmp_path / "scan_as_labels.nii.gz"  # the hippocampus scans are uint8 or float: this one as uint8, as a label map reads
+    image = read_image(files["image3"])
+    _save(np.clip(image.array, 0, 255).astype(np.uint8), scan, image.affine)
+    output = tmp_path / "tuned.safetensors"
+    rc, _, err = run(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", scan, "--output", output, "--weights", weights_file)
+    assert rc == 2 and "--labels" in err and "looks like a scan" in err and "swap" in err, err
+    _no_work(err)
+    fails(capsys, "tune", "--task", task_path, "--image", files["labels3"], "--labels", scan, "--output", output,
+          "--weights", weights_file, output=output, words=("--image", "looks like a label map"))
+
+
+def test_a_one_voxel_reference_class_is_refused(capsys, tmp_path, files, weights_file):
+    labels = read_label_map(files["labels1"])
+    array = np.where(labels.array == 1, 1, 0).astype(np.uint8)
+    array[tuple(np.argwhere(labels.array == 2)[0])] = 2
+    reference = tmp_path / "dot.nii.gz"
+    write_label_map(Volume(array, labels.affine, segments={1: {"name": "anterior"}, 2: {"name": "dot"}}), reference)
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--reference", files["image1"], reference, "--target", files["target"], "--output", output,
+          "--weights", weights_file, output=output, words=("'dot' covers", "fewer than 8"))
+    ok(capsys, "segment", "--reference", files["image1"], reference, "--classes", "anterior", "--target", files["target"],
+       "--output", output, "--weights", weights_file)
+
+
+def test_memory_strategy_refuses_classes_the_bank_never_learned(capsys, tmp_path):
+    """The shipped model's TotalSeg_CT_example rows gave all background on their own training scan."""
+    from IrisSegmentLib.model.weights import default_weights_path
+    from support import DATA
+
+    target = DATA / "TotalSeg_CT_example" / "imagesTr" / "case_001_0000.nii.gz"
+    if not (default_weights_path().is_file() and target.is_file()):
+        pytest.skip("needs the shipped weights and TotalSeg_CT_example")
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--strategy", "memory", "--classes", "TotalSeg_CT_example/liver", "TotalSeg_CT_example/spleen",
+          "--target", target, "--output", output, "--device", "cpu", output=output,
+          words=("TotalSeg_CT_example/liver", "TotalSeg_CT_example/spleen", "seen too rarely", "--reference"))
+
+
+def test_modality_mismatch_names_the_flag_and_is_found_before_the_work(capsys, tmp_path, files, weights_file):
+    image = read_image(files["target"])
+    ct = _save(image.array.astype(np.float32) / image.array.max() * 1400.0 - 1000.0, tmp_path / "ct_like.nii.gz", image.affine)
+    output = tmp_path / "seg.nii.gz"
+    args = ["segment", "--reference", files["image1"], files["labels1"], "--target", ct, "--output", output, "--weights", weights_file]
+    rc, _, err = run(capsys, *args)
+    assert rc == 2 and "--allow-modality-mismatch" in err and "reference is MR but the target looks like CT" in err, err
+    _no_work(err)
+    ok(capsys, *args, "--allow-modality-mismatch")
+    assert output.exists()
+
+
+# ---------------------------------------------------------------- sidecars: the .ctbl obeys its file's rules
+def test_an_existing_color_table_beside_the_output_needs_overwrite(capsys, tmp_path, files, weights_file):
+    table = tmp_path / "out.ctbl"
+    table.write_text("0 Background 0 0 0 0\n1 my_own_names 255 0 0 255\n")
+    before = table.read_bytes()
+    for name in ("out.nii.gz", "out.nrrd"):
+        output = tmp_path / name
+        args = ["segment", "--reference", files["image1"], files["labels1"], "--target", files["target"], "--output", output, "--weights", weights_file]
+        rc, _, err = run(capsys, *args)
+        assert rc == 2 and "out.ctbl exists" in err and "--overwrite" in err, err
+        _no_work(err)
+        assert table.read_bytes() == before and not output.exists()
+    ok(capsys, *args, "--overwrite")
+    assert table.read_bytes() != before
+    check_output(tmp_path / "out.nrrd", files["target"], CLASS_NAMES)
+
+
+def test_the_color_table_of_an_input_is_never_replaced(capsys, tmp_path, files, weights_file):
+    """A reference label map `ref.nii.gz` named by `ref.ctbl`: writing `ref.nrrd` would replace the reference's names."""
+    reference = tmp_path / "ref.nii.gz"
+    write_label_map(read_label_map(files["labels1"]), reference)
+    table = tmp_path / "ref.ctbl"
+    before = table.read_bytes()
+    output = tmp_path / "ref.nrrd"
+    fails(capsys, "segment", "--reference", files["image1"], reference, "--target", files["target"], "--output", output, "--overwrite",
+          "--weights", weights_file, output=output, words=("would replace", "ref.ctbl", "the color table that names the labels of the input"))
+    assert table.read_bytes() == before
+    ok(capsys, "segment", "--reference", files["image1"], reference, "--target", files["target"], "--output", tmp_path / "ref_seg.seg.nrrd",
+       "--weights", weights_file)
+    assert table.read_bytes() == before
+
+
+def test_names_round_trip_through_a_written_color_table_into_an_ensemble(capsys, tmp_path, files, weights_file):
+    """A task named from dataset.json and one named from a .ctbl IrisSegment wrote ('hippocampus_anterior' came back as
+    'hippocampus anterior') made an ensemble fail with 'label value 1 names two different classes'."""
+    written = tmp_path / "written.nii.gz"
+    write_label_map(read_label_map(files["labels3"]), written)
+    assert {v: s["name"] for v, s in read_label_map(written).segments.items()} == CLASS_NAMES
+    output = tmp_path / "ensemble.nii.gz"
+    ok(capsys, "segment", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], written,
+       "--target", files["target"], "--output", output, "--weights", weights_file)
+    check_output(output, files["target"], CLASS_NAMES)

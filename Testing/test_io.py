@@ -94,9 +94,9 @@ def test_label_map_round_trip_keeps_labels_geometry_names_and_colors(tmp_path: P
             assert back.segments[value]["color"] == pytest.approx(original.segments[value]["color"], abs=1e-6)
         assert not (tmp_path / "case.ctbl").exists()
     else:
-        # A .ctbl holds one-word names (spaces written as underscores, underscores read as spaces, as in Slicer)
-        # and 8-bit colors.
-        assert back.segments[17]["name"] == "Segment 17"
+        # A .ctbl holds one-word names (spaces written as underscores, as Slicer writes them) and 8-bit colors;
+        # the exact names come back from IrisSegment's comment line.
+        assert back.segments[17]["name"] == "Segment_17"
         assert (tmp_path / "case.ctbl").read_text().splitlines()[2].startswith("1 right_kidney 230 26 51 255")
         for value in (1, 4):
             assert back.segments[value]["color"] == pytest.approx(original.segments[value]["color"], abs=0.5 / 255)
@@ -269,7 +269,43 @@ def _nrrd(shape: tuple, header: dict) -> Callable[[Path], None]:
     return lambda path: nrrd.write(str(path), np.zeros(shape, np.uint8), header)
 
 
+def _typed_nifti(array: np.ndarray) -> Callable[[Path], None]:
+    return lambda path: nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+
+
+def _rgb() -> np.ndarray:
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 200
+    return rgb
+
+
+def _huge_nifti(path: Path) -> None:
+    """A NIfTI header claiming 4000^3 float32 voxels (238 GiB) in front of 64 voxels of data."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    data = header.binaryblock + bytes(4) + np.zeros(64, np.float32).tobytes()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def _huge_nrrd(path: Path) -> None:
+    import gzip
+
+    text = ("NRRD0004\ntype: float\ndimension: 3\nsizes: 4000 4000 4000\nencoding: gzip\nspace: left-posterior-superior\n"
+            "space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\n\n")
+    path.write_bytes(text.encode() + gzip.compress(np.zeros(64, np.float32).tobytes()))
+
+
 BAD_IMAGES = {
+    "complex_nifti": ("x.nii", _typed_nifti(np.ones(SHAPE, np.complex64)), "complex-valued voxels .*magnitude"),
+    "rgb_nifti": ("x.nii.gz", _typed_nifti(_rgb()), "color or vector voxels .*grayscale"),
+    "huge_header_gz": ("x.nii.gz", _huge_nifti, r"4000 x 4000 x 4000 voxels .*more than IrisSegment can load.*crop"),
+    "huge_header_truncated": ("x.nii", _huge_nifti, r"4000 x 4000 x 4000 voxels .*holds only 256 bytes.*truncated"),
+    "huge_header_nrrd": ("x.nrrd", _huge_nrrd, r"4000 x 4000 x 4000 voxels .*more than IrisSegment can load"),
     "2d_nifti": ("x.nii.gz", _nifti((4, 5)), "is a 2D image"),
     "2d_nrrd": ("x.nrrd", _nrrd((4, 5), {"space": "RAS", "space directions": np.eye(3)[:2]}), "is a 2D image"),
     "4d_nifti": ("x.nii.gz", _nifti((4, 5, 6, 3)), "holds 3 volumes or channels"),
@@ -294,6 +330,32 @@ def test_unusable_image_file_is_an_input_error_naming_it(tmp_path: Path, case: s
     with pytest.raises(InputError, match=message) as error:
         read_image(tmp_path / name)
     assert str(tmp_path / name) in str(error.value)
+
+
+def test_huge_header_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size comes from the header: nothing is decompressed or allocated first (a MemoryError before)."""
+    def never(*args, **kwargs):
+        raise AssertionError("the voxels were read")
+
+    _huge_nifti(tmp_path / "x.nii.gz")
+    _huge_nrrd(tmp_path / "y.nrrd")
+    _huge_nrrd(tmp_path / "z.seg.nrrd")
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", never)
+    monkeypatch.setattr(nrrd.reader, "read_data", never)
+    for path, read in [(tmp_path / "x.nii.gz", read_image), (tmp_path / "y.nrrd", read_image), (tmp_path / "z.seg.nrrd", read_label_map)]:
+        with pytest.raises(InputError, match=r"4000 x 4000 x 4000 voxels .*more than IrisSegment can load"):
+            read(path)
+
+
+def test_a_volume_at_the_size_limit_is_only_refused_above_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from IrisSegmentLib import files
+
+    write_image(Volume(np.zeros(SHAPE, np.int16), np.eye(4)), tmp_path / "x.nii.gz")
+    monkeypatch.setattr(files, "MAX_VOXELS", int(np.prod(SHAPE)))
+    assert read_image(tmp_path / "x.nii.gz").shape == SHAPE
+    monkeypatch.setattr(files, "MAX_VOXELS", int(np.prod(SHAPE)) - 1)
+    with pytest.raises(InputError, match="5 x 6 x 7 voxels"):
+        read_image(tmp_path / "x.nii.gz")
 
 
 def test_corrupt_seg_nrrd_is_an_input_error(tmp_path: Path) -> None:
@@ -344,6 +406,43 @@ def test_existing_file_is_only_replaced_with_overwrite(tmp_path: Path, suffix: s
     assert path.read_bytes() == before
     write_label_map(second, path, overwrite=True)
     np.testing.assert_array_equal(read_label_map(path).array, first.array * 2)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_existing_color_table_is_only_replaced_with_overwrite(tmp_path: Path, suffix: str) -> None:
+    """The .ctbl written beside a label map is part of it: an existing one (perhaps another file's names) is kept."""
+    table = tmp_path / "x.ctbl"
+    table.write_text("0 Background 0 0 0 0\n1 precious 255 0 0 255\n")
+    with pytest.raises(InputError, match=r"x\.ctbl already exists .*overwrite=True"):
+        write_label_map(_labels(np.eye(4)), tmp_path / f"x{suffix}")
+    assert table.read_text() == "0 Background 0 0 0 0\n1 precious 255 0 0 255\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ctbl"]
+    write_label_map(_labels(np.eye(4)), tmp_path / f"x{suffix}", overwrite=True)
+    assert read_label_map(tmp_path / f"x{suffix}").segments[4]["name"] == "liver"
+
+
+NAMES = {1: "kidney_left", 2: "front part", 3: "a_b c", 4: "Segment_4", 5: "x  y"}
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_color_table_names_round_trip_exactly(tmp_path: Path, suffix: str) -> None:
+    array = np.zeros(SHAPE, np.uint8)
+    for value in NAMES:
+        array[value - 1, 0, 0] = value
+    write_label_map(Volume(array, np.eye(4), segments={v: {"name": n} for v, n in NAMES.items()}), tmp_path / f"x{suffix}")
+    assert {v: s["name"] for v, s in read_label_map(tmp_path / f"x{suffix}").segments.items()} == NAMES
+
+
+def test_color_table_edited_after_writing_wins_over_the_exact_names(tmp_path: Path) -> None:
+    array = np.zeros(SHAPE, np.uint8)
+    array[0, 0, 0], array[1, 0, 0] = 1, 2
+    write_label_map(Volume(array, np.eye(4), segments={1: {"name": "kidney_left"}, 2: {"name": "liver_lobe"}}), tmp_path / "x.nii.gz")
+    table = tmp_path / "x.ctbl"
+    table.write_text(table.read_text().replace("2 liver_lobe", "2 spleen"))  # renamed in Slicer or by hand
+    assert {v: s["name"] for v, s in read_label_map(tmp_path / "x.nii.gz").segments.items()} == {1: "kidney_left", 2: "spleen"}
+    lines = [line for line in table.read_text().splitlines() if not line.startswith("# IrisSegment names:")]
+    table.write_text("\n".join(lines + ["# IrisSegment names: {broken"]) + "\n")  # a damaged names line is ignored
+    assert {v: s["name"] for v, s in read_label_map(tmp_path / "x.nii.gz").segments.items()} == {1: "kidney left", 2: "spleen"}
 
 
 def test_failed_write_leaves_previous_files_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,7 +550,7 @@ def test_slicer_reads_our_label_maps_and_color_tables(slicer, tmp_path: Path, su
     for value, segment in written.items():
         rgba = [0.0] * 4
         table.GetColor(value, rgba)
-        assert table.GetColorName(value) == segment["name"]
+        assert table.GetColorName(value) == segment["name"].replace("_", " ")  # Slicer reads every underscore as a space
         assert rgba == pytest.approx([*segment["color"], 1.0], abs=1e-6)
 
 

@@ -33,6 +33,7 @@ from IrisSegmentLib.model.config import IrisConfig  # noqa: E402
 from IrisSegmentLib.model.iris import IrisModel  # noqa: E402
 from IrisSegmentLib.model.weights import save_model  # noqa: E402
 from IrisSegmentLib.slicer_logic import IrisSceneLogic, Reference, scene_bridge  # noqa: E402
+from IrisSegmentLib.slicer_logic.logic import OUT_OF_MEMORY  # noqa: E402
 from support import DATA, needs_paths, require_paths  # noqa: E402
 
 HEAD_NECK = DATA / "HeadNeck_CT"
@@ -436,6 +437,27 @@ def test_exports_round_trip_voxel_for_voxel(head_neck, logic, tmp_path: Path) ->
         logic.export_file(output, tmp_path / "result.png", head_neck.target)
 
 
+def test_an_export_replaces_no_file_or_sidecar_unasked(head_neck, logic, tmp_path: Path) -> None:
+    """A `.ctbl` beside the chosen name may be the user's own (their reference's names): writing
+    `labels.nii.gz` must not replace it, nor an existing file, without overwrite."""
+    output, _ = _run(logic.start_segment(head_neck.target, [Reference(head_neck.reference, head_neck.reference_segmentation)]))
+    users_table = tmp_path / "labels.ctbl"
+    users_table.write_text("1 my_structure 255 0 0 255\n")
+    with pytest.raises(InputError, match=r"labels\.ctbl already exists"):
+        logic.export_file(output, tmp_path / "labels.nii.gz", head_neck.target)
+    assert users_table.read_text() == "1 my_structure 255 0 0 255\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ctbl"], "nothing else written, no temporary left"
+
+    segmentation = logic.export_file(output, tmp_path / "result.seg.nrrd", head_neck.target)[0]
+    written = segmentation.read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        logic.export_file(output, segmentation, head_neck.target)
+    assert segmentation.read_bytes() == written
+
+    nifti, table = logic.export_file(output, tmp_path / "labels.nii.gz", head_neck.target, overwrite=True)
+    assert "my_structure" not in table.read_text() and nifti.is_file()
+
+
 def test_several_references_are_matched_by_terminology_then_name(head_neck, logic) -> None:
     """Ensemble and retrieval over references with different segment sets; a segment named otherwise but
     with the same terminology is the same class; a reference can transfer a subset of its segments."""
@@ -571,7 +593,7 @@ def test_cuda_requested_without_a_gpu(head_neck, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "failure, message",
     [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU ran out of memory"),
+        (OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU ran out of memory"),  # whichever class this torch has
         (RuntimeError("CUDA error: no kernel image is available for execution on the device"), "reinstall torch"),
     ],
 )

@@ -5,16 +5,23 @@ synthetic images), so it needs no shared data and takes seconds.
 """
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from IrisSegmentLib.training.data import EpisodeSampler, EpisodeStream, load_all, load_set, stack_episodes
-from IrisSegmentLib.training.train import main as train_main
+from IrisSegmentLib.model.iris import IrisModel
+from IrisSegmentLib.training.data import (
+    MIN_REFERENCE_VOXELS, UNSEEN_SYNTH_OFFSET, EpisodeSampler, EpisodeStream, load_all, load_set, stack_episodes,
+)
+from IrisSegmentLib.training.tasks import agnostic_regions, merged, random_label_map, touching_pair
+from IrisSegmentLib.training.train import _mix, main as train_main
 
 PATCH = 32
 NAMES = {"background": 0, "left_blob": 1, "right_blob": 2}
@@ -61,20 +68,122 @@ def test_held_out_cases_are_never_loaded(data_root: Path) -> None:
 
 
 def test_every_episode_class_is_visible_in_the_reference(sampler: EpisodeSampler) -> None:
-    seen_sets = set()
-    for seed in range(12):
+    """Of every kind: a class the reference does not show cannot be asked for, and only labelled
+    episodes name their classes (the others' structures have no meaning beyond the reference)."""
+    seen_sets, kinds = set(), set()
+    for seed in range(24):
         ep = sampler.sample(np.random.default_rng(seed))
         k = len(ep.class_keys)
         assert tuple(ep.reference.shape) == tuple(ep.query.shape) == (1, 1, PATCH, PATCH, PATCH)
         assert tuple(ep.reference_masks.shape) == tuple(ep.query_masks.shape) == (1, k, PATCH, PATCH, PATCH)
         assert torch.isfinite(ep.reference).all() and torch.isfinite(ep.query).all()
         assert set(ep.reference_masks.unique().tolist()) <= {0.0, 1.0}
-        assert (ep.reference_masks.flatten(2).sum(-1) >= 8).all(), "a class the reference does not show cannot be asked for"
-        for key in ep.class_keys:
+        assert (ep.reference_masks.flatten(2).sum(-1) >= MIN_REFERENCE_VOXELS).all()
+        named = [key for key in ep.class_keys if key is not None]
+        kinds.add("named" if named else "nameless")
+        for key in named:
             dataset, name = key.split("/")
             assert name in ("left_blob", "right_blob")
             seen_sets.add(dataset)
     assert seen_sets == {"Toy_MRI", "Toy_Labels"}
+    assert kinds == {"named", "nameless"}
+
+
+@pytest.mark.parametrize("kind", ["labelled", "invented", "agnostic"])
+def test_each_episode_kind_alone_draws_visible_classes_from_its_seed(data_root: Path, kind: str) -> None:
+    only = EpisodeSampler(load_all(data_root, 128), PATCH, mix={kind: 1.0}, max_invented=10)
+    sizes = []
+    for seed in range(6):
+        ep = only.sample(np.random.default_rng(seed))
+        again = only.sample(np.random.default_rng(seed))
+        for field in ("reference", "reference_masks", "query", "query_masks"):
+            assert torch.equal(getattr(ep, field), getattr(again, field)), f"{kind} episodes must be a pure function of the seed"
+        assert (ep.reference_masks.flatten(2).sum(-1) >= MIN_REFERENCE_VOXELS).all()
+        assert ep.reference_masks.std() > 0 and ep.reference.std() > 0
+        assert all(key is None for key in ep.class_keys) == (kind != "labelled")
+        sizes.append(len(ep.class_keys))
+    if kind != "labelled":
+        assert max(sizes) > 2, "invented and agnostic episodes reach beyond the two classes of the toy sets"
+
+
+def test_agnostic_episodes_survive_more_regions_than_int16_holds(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy scan cut into bands and cells can have tens of thousands of regions (a training run
+    died on it): the chosen ones must still come out as whole, disjoint masks."""
+    from IrisSegmentLib.training import data as data_module
+
+    real = data_module.agnostic_regions
+    monkeypatch.setattr(data_module, "agnostic_regions", lambda image, rng, labels=None: np.where(r := real(image, rng, labels), r + 40000, 0))
+    sampler = EpisodeSampler(load_all(data_root, 128), PATCH, mix={"agnostic": 1.0}, identical=1.0)
+    for seed in range(6):
+        ep = sampler.sample(np.random.default_rng(seed))
+        assert torch.equal(ep.reference_masks, ep.query_masks)
+        assert (ep.reference_masks.flatten(2).sum(-1) >= MIN_REFERENCE_VOXELS).all()
+        assert ep.reference_masks.sum(1).max() <= 1, "each voxel is in one region at most"
+
+
+def test_invented_label_maps_keep_every_class_and_often_small_ones() -> None:
+    smallest = []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        labels = random_label_map((40, 40, 40), 8, rng, context_labels=3)
+        values, counts = np.unique(labels, return_counts=True)
+        assert set(range(1, 9)) <= set(values.tolist()), "every invented class keeps at least one voxel"
+        assert values.max() <= 8 + 3, "context labels sit above the classes and are never asked for"
+        assert np.array_equal(labels, random_label_map((40, 40, 40), 8, np.random.default_rng(seed), context_labels=3))
+        smallest.append(counts[(values >= 1) & (values <= 8)].min())
+    assert min(smallest) < 200, "small structures (a few hundred voxels at most) are part of the invented tasks"
+
+
+def test_the_same_voxel_is_foreground_in_one_agnostic_task_and_background_in_another() -> None:
+    """Agnostic regions are cut differently per episode: two voxels that form one structure in one
+    episode are different structures in another, so no voxel's meaning can be memorised."""
+    rng = np.random.default_rng(0)
+    image = ndimage.gaussian_filter(rng.normal(size=(32, 32, 32)), 3).astype(np.float32)
+    labels = np.zeros((32, 32, 32), np.int32)
+    labels[8:24, 8:24, 8:24] = 1
+    center, corner = (16, 16, 16), (9, 9, 9)  # both inside label 1
+    together, apart = 0, 0
+    for seed in range(16):
+        regions = agnostic_regions(image, np.random.default_rng(seed), labels)
+        assert np.array_equal(regions, agnostic_regions(image, np.random.default_rng(seed), labels))
+        assert regions[center] != 0
+        if regions[center] == regions[corner]:
+            together += 1
+        else:
+            apart += 1
+    assert together and apart, (together, apart)
+
+
+def test_touching_classes_merge_into_one_and_distant_ones_do_not() -> None:
+    masks = torch.zeros((3, 16, 16, 16))
+    masks[0, 2:6, 2:6, 2:6] = 1
+    masks[1, 7:10, 2:6, 2:6] = 1  # one voxel of gap from class 0
+    masks[2, 12:15, 12:15, 12:15] = 1
+    assert touching_pair(masks, np.random.default_rng(0)) == (0, 1)
+    union = merged(masks, (0, 1))
+    assert union.shape[0] == 2
+    assert torch.equal(union[0], torch.maximum(masks[0], masks[1])) and torch.equal(union[1], masks[2])
+    assert touching_pair(masks[[0, 2]], np.random.default_rng(0)) is None
+
+
+def test_unseen_classes_are_never_asked_for(data_root: Path) -> None:
+    """Classes kept for the generalization benchmark: gone from image sets, moved out of the named
+    range (still shaping the synthetic image) in label-map sets."""
+    images = load_set(data_root / "Toy_MRI", 128, set(), 1.0, unseen_classes={"right_blob"})
+    maps = load_set(data_root / "Toy_Labels", 128, set(), 1.0, unseen_classes={"right_blob"})
+    assert images.label_names == maps.label_names == {1: "left_blob"}
+    assert set(torch.unique(images.cases[0].labels).tolist()) == {0, 1}
+    assert set(torch.unique(maps.cases[0].labels).tolist()) == {0, 1, 2 + UNSEEN_SYNTH_OFFSET}
+    sampler = EpisodeSampler([images, maps], PATCH, mix={"labelled": 1.0})
+    for seed in range(8):
+        assert all(key.endswith("/left_blob") for key in sampler.sample(np.random.default_rng(seed)).class_keys)
+
+
+def test_the_mix_option_names_the_episode_kinds() -> None:
+    assert _mix("labelled=0.5, invented=0.5") == {"labelled": 0.5, "invented": 0.5}
+    for bad in ("labelled", "labeled=1", "invented=-1,agnostic=1", "invented=0", "invented=x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--mix"):
+            _mix(bad)
 
 
 def test_episodes_are_a_pure_function_of_their_seed(sampler: EpisodeSampler) -> None:
@@ -113,6 +222,48 @@ def test_an_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> 
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert (tmp_path / "straight" / "iris_step000003.safetensors").is_file()
+
+
+def test_a_run_resumes_from_the_committed_float16_state_alone(data_root: Path, tmp_path: Path) -> None:
+    """Without the local `last.pt` (never committed), `resume.json` + float16 weights carry the run
+    on at its step and schedule position: what the model card tells a contributor to do."""
+    from IrisSegmentLib.model.serialization import load_tensors
+
+    run = tmp_path / "run"
+    common = ["--data", str(data_root), "--patch", str(PATCH), "--steps", "3", "--warmup", "1",
+              "--episodes-per-step", "1", "--checkpoint-every", "1", "--output", str(run)]
+    train_main([*common, "--stop-after", "1e-9"])
+    state = json.loads((run / "resume.json").read_text())
+    assert state["step"] == 1 and state["schedule"]["steps"] == 3
+    tensors, _ = load_tensors(run / state["weights"])
+    assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
+    (run / "last.pt").unlink()
+    train_main(common)
+    assert json.loads((run / "resume.json").read_text())["step"] == 3
+    log = (run / "train.log").read_text()
+    assert "resumed at step 1 from resume.safetensors" in log
+    assert "step 1 " not in log.split("resumed at step 1")[1], "the resumed run goes on after step 1, it does not redo it"
+
+
+def test_a_new_run_starts_from_given_weights_keeping_memory_rows_by_class_name(tmp_path: Path) -> None:
+    from engine_fixtures import random_model
+
+    from IrisSegmentLib.model.weights import load_model, save_model
+    from IrisSegmentLib.training.train import init_from
+
+    source = random_model(memory_classes=("Toy/a", "Toy/b"))
+    with torch.no_grad():
+        source.memory_bank.normal_()
+    target_config = replace(source.config, memory_classes=("New/thing", "Toy/b", "Toy/a"))
+    target = IrisModel(target_config)
+    save_model(source, tmp_path / "init.safetensors")
+    init_from(target, load_model(tmp_path / "init.safetensors", device="cpu"))
+    loaded = load_model(tmp_path / "init.safetensors", device="cpu")
+    assert torch.equal(target.memory_bank[0], torch.zeros_like(target.memory_bank[0])), "an unknown class starts empty"
+    torch.testing.assert_close(target.memory_bank[1], loaded.memory_bank[1])
+    torch.testing.assert_close(target.memory_bank[2], loaded.memory_bank[0])
+    key = next(k for k in loaded.state_dict() if k != "memory_bank")
+    torch.testing.assert_close(target.state_dict()[key], loaded.state_dict()[key])
 
 
 def test_checkpoint_selection_never_validates_on_held_out_cases_or_references(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from ..io._files import reading
+from ..files import reading
 from ..volume import Volume
 from .metrics import ClassScore, dice
 

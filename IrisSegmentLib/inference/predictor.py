@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..embeddings import TaskEmbedding, class_keys
-from ..errors import Cancelled, DeviceError, InputError
+from ..device import OutOfMemoryError
+from ..embeddings import TaskEmbedding, class_keys, name_key
+from ..errors import Cancelled, DeviceError, InputError, ModalityMismatch
 from ..model.iris import IrisModel
 from ..model.loss import dice_bce_loss
 from ..model.weights import model_id_of
@@ -33,6 +34,11 @@ Cancel = Callable[[], bool] | None
 COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
 TUNING_VIEWS = 2  # fresh augmented views of the corrected scan per tuning step (inference/views.py)
 TUNING_STEPS = 10  # optimiser steps of Tune; why 10 and not more: IrisPredictor.tune
+REFERENCE_FIT_STEPS = 40  # optimiser steps fitting a task to its own reference (fit_to_reference)
+REFERENCE_FIT_RATE = 0.1  # their step size, as a share of the embeddings' RMS (Tune's is 0.025)
+MAX_TUNING_STEPS = 1000  # beyond this a tune runs for hours and, by the measurements in IrisPredictor.tune, fits one patient only
+MEMORY_MIN_SCALE = 0.25  # a memory-bank row below this share of a well-trained row's norm is refused (memory_bank_task)
+INTENSITY_LIMIT = 2.0**40  # MR intensities beyond this are rescaled before normalising (IrisPredictor._normalized)
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:
@@ -50,7 +56,7 @@ def _device_memory():
     """Out-of-memory on the GPU becomes an error that says what to do, for every entry point."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5, torch.cuda.OutOfMemoryError before
         raise DeviceError("the GPU ran out of memory: close other GPU programs, or choose the CPU.") from None
 
 
@@ -68,6 +74,7 @@ class IrisPredictor:
         # Counters a caller (or a test, or the benchmark) can read: work actually done.
         self.references_encoded = 0
         self.decoder_passes = 0
+        self.skipped_small: list[str] = []  # classes the last encode_reference(skip_small=True) left out
         # What the last `tune` did, for its caller to report (reset when a tune starts).
         self.tuning_joined = False  # the corrected scan joined the task's context
         self.tuning_untuned: list[str] = []  # classes kept untuned by the check on the references
@@ -82,11 +89,37 @@ class IrisPredictor:
         modality: str | None = None,
         progress: Progress = None,
         cancel: Cancel = None,
+        skip_small: bool = False,
     ) -> TaskEmbedding:
-        """All chosen classes of one reference -> one task embedding (one encoder pass)."""
-        image.check_finite()
+        """All chosen classes of one reference -> one task embedding (one encoder pass).
+
+        A class must cover at least `min_class_voxels` voxels of the working grid: the volume of one
+        voxel of the encoder's finest feature map. A smaller one (a stray click, a single marked voxel)
+        gives an embedding of a point, not of a structure, and is refused; with `skip_small` it is left
+        out of the task instead (a reference with hundreds of instances, some of them specks), and
+        `skipped_small` names what was left out."""
+        return self._encode(image, labels, classes, modality, progress, cancel, check_size="skip" if skip_small else "refuse")
+
+    @property
+    def min_class_voxels(self) -> int:
+        """The fewest working-grid voxels a reference class may cover: one voxel of the finest feature map."""
+        return self.config.stem_stride**3
+
+    def _encode(
+        self, image: Volume, labels: Volume, classes: list[int | str] | None, modality: str | None,
+        progress: Progress, cancel: Cancel, check_size: str | None,
+    ) -> TaskEmbedding:
+        """`encode_reference`; `check_size` "refuse" or "skip" (see there), None for a corrected scan
+        joining a task (Tune takes its classes as the user left them)."""
+        self.skipped_small = []
+        image.check_image()
         labels.check_label_map()
         labels.check_matches(image)
+        if labels.looks_like_image():
+            raise InputError(
+                f"label map {labels.name!r} looks like a scan, not a segmentation ({labels.describe_values()}): "
+                "give the reference's label map as LABELS, after its IMAGE."
+            )
         present = present_labels(labels.array)
         if not present:
             raise InputError(f"reference label map {labels.name!r} has no labelled voxels: segment at least one structure in it.")
@@ -96,12 +129,24 @@ class IrisPredictor:
         _report(progress, 0.1, "preparing the reference")
         lo, hi = foreground_box(image.array, modality)
         spacing = fit_spacing(image.affine, lo, hi, self.config.working_size)
+        self._check_extent(image, spacing, "reference")
         idx = np.argwhere(np.isin(labels.array, values))
         center_index = (idx.min(0) + idx.max(0)) / 2
         center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
         grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
         pixels = resample(self._normalized(image, modality), image.affine, grid)
         masks = self._class_masks(labels, values, grid, segments)
+        if check_size == "skip":
+            keep = [size >= self.min_class_voxels for size in masks.flatten(1).sum(1).tolist()]
+            if not any(keep):
+                raise InputError(
+                    f"every class of reference label map {labels.name!r} covers fewer than {self.min_class_voxels} voxels "
+                    "of the working grid: label whole structures."
+                )
+            self.skipped_small = [segments[v]["name"] for v, k in zip(values, keep) if not k]
+            values, masks = [v for v, k in zip(values, keep) if k], masks[torch.tensor(keep)]
+        elif check_size == "refuse":
+            self._check_class_sizes(masks, values, segments, labels.name, spacing)
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
@@ -112,13 +157,42 @@ class IrisPredictor:
             tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id, [labels.name or image.name or "reference"]
         )
 
+    def _check_class_sizes(self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float) -> None:
+        least = self.min_class_voxels
+        sizes = masks.flatten(1).sum(1).tolist()
+        small = [f"{segments[v]['name']!r} covers {size:.0f}" for v, size in zip(values, sizes) if size < least]
+        if small:
+            edge = spacing * self.config.stem_stride
+            raise InputError(
+                f"reference label map {name!r}: class {'; class '.join(small)} voxel(s) of the {spacing:.2f} mm working grid, fewer than "
+                f"{least}, the least the model can encode (one voxel of its finest features, {edge:.1f} x {edge:.1f} x {edge:.1f} mm): "
+                "label the whole structure, or leave such classes out (--classes, or untick them)."
+            )
+
+    def _check_extent(self, volume: Volume, spacing: float, what: str) -> None:
+        """Refuse a volume shorter, along one of its axes, than one voxel of the network's coarsest feature map at
+        the working spacing: the rest of the working grid would be padding, and the network finds nothing there
+        (a single slice, or a few thin slices, segmented to all background). Not more than one: real slabs
+        (fetal MR stacks 72-79 mm deep, a CT of 60 mm) are half that of the 128-voxel working cube and
+        segment."""
+        least = self.config.total_stride * spacing
+        lengths = np.asarray(volume.shape) * volume.spacing
+        for axis, (count, length) in enumerate(zip(volume.shape, lengths)):
+            if length < least - 1e-6:
+                raise InputError(
+                    f"the {what} {volume.name or what!r} is {length:.1f} mm long along voxel axis {axis} ({count} voxel{'s' * (count != 1)} of "
+                    f"{volume.spacing[axis]:.2f} mm); the network needs at least {least:.1f} mm there (one voxel of its coarsest "
+                    f"features at the working spacing of {spacing:.2f} mm). IrisSegment segments 3D volumes: give a scan that "
+                    "covers more of the anatomy along that axis (more slices, or a larger field of view)."
+                )
+
     def _resolve_classes(self, classes: list[int | str] | None, present: list[int], segments: dict[int, dict], name: str) -> list[int]:
         if not classes:
             return present
-        by_name = {seg["name"].lower(): v for v, seg in segments.items()}
+        by_name = {name_key(seg["name"]): v for v, seg in segments.items()}
         values = []
         for c in classes:
-            value = int(c) if str(c).isdigit() else by_name.get(str(c).lower())
+            value = int(c) if str(c).isdigit() else by_name.get(name_key(str(c)))
             if value not in present:
                 listing = ", ".join(f"{v} ({segments[v]['name']})" for v in present)
                 raise InputError(f"class {c!r} is not in reference label map {name!r} (empty or absent); it holds: {listing}.")
@@ -169,13 +243,10 @@ class IrisPredictor:
     ) -> tuple[torch.Tensor, Grid]:
         """Per-class probabilities (K, *grid) on the working grid of the target."""
         self._check_task(task)
-        target.check_finite()
+        target.check_image()
         modality = resolve_modality(target.array, None)
         if task.modality and modality != task.modality and not allow_modality_mismatch:
-            raise InputError(
-                f"the reference is {task.modality} but the target looks like {modality}: use a reference of the target's modality "
-                "(or override the modality check if you are sure)."
-            )
+            raise ModalityMismatch(task.modality, modality)
         pixels, grid = self._working_target(target, task.modality or modality, task.spacing)
         tokens = task.tokens.to(self.device, torch.float32)[None]
         tiles = windows(grid.shape, self.config.working_size)
@@ -205,6 +276,7 @@ class IrisPredictor:
         """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
         lo, hi = foreground_box(target.array, modality)
         spacing = spacing or fit_spacing(target.affine, lo, hi, self.config.working_size)
+        self._check_extent(target, spacing, "target")
         grid = covering_grid(target.affine, lo, hi, spacing, self.config.total_stride)
         return resample(self._normalized(target, modality), target.affine, grid), grid
 
@@ -222,7 +294,7 @@ class IrisPredictor:
         return torch.stack([(nearest == v).float() for v in values])
 
     def _normalized(self, image: Volume, modality: str) -> torch.Tensor:
-        return torch.from_numpy(normalize(image.array, modality))[None].to(self.device)
+        return torch.from_numpy(normalize(_in_float32_range(image.array, modality), modality))[None].to(self.device)
 
     def _check_task(self, task: TaskEmbedding) -> None:
         if task.model_id != self.model_id:
@@ -337,8 +409,8 @@ class IrisPredictor:
         (Abdomen) Dice where 5e-3 gained at most 0.002."""
         self.tuning_joined, self.tuning_untuned, self.tuning_losses = False, [], []
         steps = TUNING_STEPS if steps is None else steps
-        if steps < 1:
-            raise InputError("the number of tuning steps must be at least 1.")
+        if not 1 <= steps <= MAX_TUNING_STEPS:
+            raise InputError(f"the number of tuning steps must be at least 1 and at most {MAX_TUNING_STEPS} (default {TUNING_STEPS}); got {steps}.")
         if views < 0:
             raise InputError("the number of augmented views must be 0 or more.")
         present = self._corrected_classes(task, image, corrected)
@@ -407,6 +479,20 @@ class IrisPredictor:
         _report(progress, 1.0, "tuned")
         return replace(tuned, sources=[*task.sources, f"tuned on {corrected.name or 'a corrected case'} ({steps} steps{note})"])
 
+    def fit_to_reference(
+        self, task: TaskEmbedding, image: Volume, labels: Volume, steps: int = REFERENCE_FIT_STEPS,
+        progress: Progress = None, cancel: Cancel = None,
+    ) -> TaskEmbedding:
+        """The reference is a labelled example too: optimise the task embeddings (network frozen) until
+        the reference itself is segmented as its labels say, then segment targets with them.
+
+        For a structure the network never trained on, the encoder's embedding misses it even on its
+        own scan; fitting recovers much of it (benchmarks/generalization.py has the table of both
+        strategies). Unlike Tune no augmented views and no joining: the encoder features of the
+        reference are computed once and every step is one decoder pass, so the fit takes seconds."""
+        rate = REFERENCE_FIT_RATE * float(task.tokens.float().pow(2).mean().sqrt())
+        return self.tune(task, image, labels, steps=steps, learning_rate=rate, progress=progress, cancel=cancel, views=0, join_context=False)
+
     def join(
         self, task: TaskEmbedding, image: Volume, corrected: Volume, references: list[tuple[Volume, Volume]] = (),
         progress: Progress = None, cancel: Cancel = None,
@@ -424,9 +510,14 @@ class IrisPredictor:
     def _corrected_classes(self, task: TaskEmbedding, image: Volume, corrected: Volume) -> set[int]:
         """The label values of a corrected segmentation, checked to be one `task` can learn from."""
         self._check_task(task)
-        image.check_finite()
+        image.check_image()
         corrected.check_label_map()
         corrected.check_matches(image)
+        if corrected.looks_like_image():
+            raise InputError(
+                f"the corrected segmentation {corrected.name!r} looks like a scan, not a label map ({corrected.describe_values()}): "
+                "give the scan as the image and its corrected label map as the labels."
+            )
         present = set(present_labels(corrected.array))
         if not present & set(task.label_values):
             raise InputError(
@@ -443,7 +534,7 @@ class IrisPredictor:
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
-        scan = self.encode_reference(image, named, classes=values, modality=task.modality or None, progress=scaled(joining, 0.0, 0.4), cancel=cancel)
+        scan = self._encode(image, named, values, task.modality or None, scaled(joining, 0.0, 0.4), cancel, check_size=None)
         keys = task.class_keys()
         if scan.class_keys() != [keys[task.label_values.index(v)] for v in values]:
             return None
@@ -492,6 +583,7 @@ class IrisPredictor:
         """Object-level retrieval: segment with the pool's ensemble, encode the target's own classes
         from that first result, and return per class the most similar references' embeddings
         (reusable like any task: tune it, save it)."""
+        check_top_k(top_k)
         pool = pool if isinstance(pool, ReferencePool) else ReferencePool(pool)
         initial = self.segment(target, pool.ensemble(), scaled(progress, 0.0, 0.8), cancel, allow_modality_mismatch)
         found = present_labels(initial.array)
@@ -505,6 +597,7 @@ class IrisPredictor:
         cancel: Cancel = None, allow_modality_mismatch: bool = False,
     ) -> Volume:
         """Retrieve the best references per class for this target, then segment with them."""
+        check_top_k(top_k)
         task = self.retrieve(target, pool, top_k, scaled(progress, 0.0, 0.5), cancel, allow_modality_mismatch)
         return self.segment(target, task, scaled(progress, 0.5, 1.0), cancel, allow_modality_mismatch)
 
@@ -514,11 +607,46 @@ class IrisPredictor:
         dataset = key.split("/", 1)[0]
         return "" if dataset.startswith("LabelMaps_") else "CT" if dataset.endswith("_CT") or "_CT_" in dataset else "MR"
 
+    def _check_memory_rows(self, keys: list[str], rows: list[int]) -> None:
+        """Refuse memory-bank rows too small to have been learned (see memory_bank_task)."""
+        norms = self.model.memory_bank.detach().float().flatten(1).norm(dim=1).cpu()
+        by_set: dict[str, list[float]] = {}
+        for key, norm in zip(keys, norms.tolist()):
+            by_set.setdefault(key.split("/", 1)[0], []).append(norm)
+        trained = max(float(np.median(values)) for values in by_set.values())
+        if trained <= 0:
+            return
+        stale = [r for r in rows if norms[r] < MEMORY_MIN_SCALE * trained]
+        if stale:
+            usable = sorted({k.split("/", 1)[0] for k, n in zip(keys, norms.tolist()) if n >= MEMORY_MIN_SCALE * trained})
+            shares = ", ".join(f"{keys[r]} ({100 * float(norms[r]) / trained:.0f} %)" for r in stale)
+            raise InputError(
+                f"memory-bank class{'es' * (len(stale) > 1)} {shares} {'were' if len(stale) > 1 else 'was'} seen too rarely in training to be "
+                f"used: {'their embeddings have' if len(stale) > 1 else 'its embedding has'} that share of the scale of a well-trained class's "
+                f"(below {100 * MEMORY_MIN_SCALE:.0f} % the model segments nothing). Segment with a reference of the structure "
+                f"instead (--reference IMAGE LABELS); memory-bank classes usable with these weights come from: {', '.join(usable)}."
+            )
+
     def memory_bank_task(self, names: list[str]) -> TaskEmbedding:
-        """Classes learned in training, by name ('liver' or 'Abdomen_MRI/liver'), with no reference."""
+        """Classes learned in training, by name ('liver' or 'Abdomen_MRI/liver'), with no reference.
+
+        A row of the bank is an average (EMA, momentum 0.999) of the class's embeddings over training,
+        seeded with its first one. A class drawn rarely (the single-case sets) keeps mostly an embedding
+        from early in training, when embeddings were several times smaller: on the shipped model the
+        rows of TotalSeg_CT_example, TotalSeg_MR_example, Brain_T1 and LabelMaps_Brain have 4-20 % of the
+        norm of a well-trained row (Abdomen_MRI, HeadNeck_CT, Hippocampus_MRI) and segment nothing or
+        little even on their own training scans (TotalSeg_CT_example liver, spleen, left kidney and aorta:
+        Dice 0 on case_001; its own one-shot reference: liver 0.56). Such rows (below MEMORY_MIN_SCALE of
+        the norm of a well-trained row: the largest median norm of any one training set's rows) are
+        refused with what to do instead; the rows kept on the shipped model are the three sets above,
+        LabelMaps_Abdomen, SpinalCord_MRI and Tumor_MRI (36-38 %). A bank with no trained row (all zero)
+        gives no scale to compare with and is taken as it is."""
         keys = list(self.config.memory_classes)
         if not keys:
             raise InputError("these weights carry no memory bank; segment with a reference instead.")
+        names = list(names or [])
+        if not names:
+            raise InputError("name at least one memory-bank class (e.g. --classes liver); 'iris-segment info' counts them.")
         rows, segments = [], {}
         for n, name in enumerate(names, start=1):
             matches = [i for i, k in enumerate(keys) if name.lower() in (k.lower(), k.split("/", 1)[1].lower())]
@@ -527,9 +655,36 @@ class IrisPredictor:
                 raise InputError(f"{'ambiguous' if matches else 'unknown'} memory-bank class {name!r}; choose one of: {hint}.")
             rows.append(matches[0])
             segments[n] = {"name": keys[matches[0]].split("/", 1)[1]}
+        self._check_memory_rows(keys, rows)
         modality = self._memory_modality(keys[rows[0]])
+        if len({self._memory_modality(keys[r]) for r in rows} - {""}) > 1:
+            raise InputError(
+                f"memory-bank classes {', '.join(keys[r] for r in rows)} come from CT and MR training sets: "
+                "segment one modality at a time."
+            )
         values = list(range(1, len(names) + 1))
         return TaskEmbedding(
             self.model.memory_bank[rows].float().cpu(), values, complete_segments(segments, values), modality, 0.0, self.model_id, ["memory bank"]
         )
 
+
+
+def check_top_k(top_k: int) -> None:
+    """Retrieval averages the `top_k` most similar references per class: at least one."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InputError(f"top-k must be a whole number of at least 1 (the references averaged per class); got {top_k!r}.")
+
+
+def _in_float32_range(array: np.ndarray, modality: str) -> np.ndarray:
+    """An MR scan whose intensities reach past INTENSITY_LIMIT (or stay below its inverse), scaled by a power of two.
+
+    normalize works in float32: intensities near 1e18 overflow its variance (the scan comes out all zero)
+    and past 3.4e38 cannot be held at all. MR normalisation (percentile clip, then z-score) does not
+    depend on the scale, and a power-of-two scale is exact, so the result is what the same scan at a
+    usual scale gives. CT needs its Hounsfield units as they are (its window clips them first)."""
+    if modality == "CT" or array.dtype.kind not in "iuf" or array.size == 0:
+        return array
+    peak = max(-float(array.min()), float(array.max()))
+    if peak == 0 or 1.0 / INTENSITY_LIMIT <= peak <= INTENSITY_LIMIT:
+        return array
+    return array.astype(np.float64) * 2.0 ** (20 - int(np.floor(np.log2(peak))))

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from ._files import file_format, file_stem, reading, staged_write
+from ..files import check_volume_size, file_format, file_stem, reading, staged_write
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
@@ -41,7 +41,8 @@ def read_image(path: str | Path) -> Volume:
     path = Path(path)
     suffix = file_format(path, READ_SUFFIXES, "read an image from")
     array, affine = read_voxels(path, suffix)
-    volume = Volume(array, affine, name=str(path))  # geometry errors then name the full path
+    volume = Volume(array, affine, name=str(path))  # geometry and voxel-type errors then name the full path
+    volume.check_voxel_type()
     volume.name = file_stem(path, suffix)
     return volume
 
@@ -64,14 +65,29 @@ def read_voxels(path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray]:
     if suffix in (".nii", ".nii.gz"):
         with reading(path, "NIfTI"):
             image = nib.load(str(path), mmap=False)
+            stored = None
+            if suffix == ".nii":  # uncompressed: the file's size says how many voxel bytes it holds
+                stored = max(0, path.stat().st_size - int(getattr(image.dataobj, "offset", 352)))
+            check_volume_size(path, image.header.get_data_shape(), image.header.get_data_dtype().itemsize, stored)
             array = np.asanyarray(image.dataobj)
             # NIfTI axes 1-3 are space, 4 is time, 5 holds vector components.
             return _single_volume(array, min(array.ndim, 3), path), image.affine
     with reading(path, "NRRD"):
+        check_nrrd_size(path)
         array, header = nrrd.read(str(path))
-        spatial = _nrrd_spatial_axes(header, array.ndim)
+        spatial = _nrrd_spatial_axes(header, array.ndim, path)
         array = np.moveaxis(array, spatial, list(range(len(spatial))))
         return _single_volume(array, len(spatial), path), _nrrd_affine(header, spatial, path)
+
+
+def check_nrrd_size(path: Path) -> None:
+    """Refuse a NRRD whose header asks for more voxels than can be loaded, before reading them."""
+    header = nrrd.read_header(str(path))
+    try:
+        itemsize = nrrd.reader._determine_datatype(header).itemsize
+    except Exception:  # an unknown type is reported when the file is read; assume the widest here
+        itemsize = 8
+    check_volume_size(path, tuple(header.get("sizes", ())), itemsize)
 
 
 def write_voxels(array: np.ndarray, affine: np.ndarray, path: Path, suffix: str) -> None:
@@ -112,10 +128,14 @@ def _single_volume(array: np.ndarray, n_spatial: int, path: Path) -> np.ndarray:
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
-def _nrrd_spatial_axes(header: dict, ndim: int) -> list[int]:
+def _nrrd_spatial_axes(header: dict, ndim: int, path: Path) -> list[int]:
     """Indices of the world axes: those with a space direction, else 'domain'/'space' kinds, else the first three."""
     if "space directions" in header:
         directions = np.asarray(header["space directions"], dtype=np.float64)
+        # A non-spatial axis (channels, time) has direction 'none', which pynrrd reads as a row of NaN.
+        broken = [axis for axis in range(ndim) if np.any(np.isfinite(directions[axis])) and not np.all(np.isfinite(directions[axis]))]
+        if broken:
+            raise InputError(f"{path}: NRRD 'space directions' of axis {broken[0]} mix numbers and NaN ({directions[broken[0]].tolist()}); fix the header.")
         return [axis for axis in range(ndim) if np.all(np.isfinite(directions[axis]))]
     if "kinds" in header:
         return [axis for axis, kind in enumerate(header["kinds"]) if kind in ("domain", "space")]

@@ -15,8 +15,8 @@ from slicerio.segmentation import terminology_entry_from_string, terminology_ent
 from ..errors import InputError
 from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
-from ._files import file_format, file_stem, reading, staged_write
-from .images import LPS_TO_RAS, read_voxels, write_voxels
+from ..files import file_format, file_stem, reading, staged_write
+from .images import LPS_TO_RAS, check_nrrd_size, read_voxels, write_voxels
 from .sidecars import color_table_path, dataset_label_names, read_color_table, write_color_table
 
 READ_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr")
@@ -85,6 +85,7 @@ def _sidecar_segments(path: Path, suffix: str, present: list[int]) -> dict[int, 
 def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
     """One label map, its IJK->RAS affine and segments from a .seg.nrrd; overlapping segments are refused."""
     with reading(path, "Slicer segmentation (.seg.nrrd)"):
+        check_nrrd_size(path)
         segmentation = slicerio.read_segmentation(str(path))
         voxels = segmentation["voxels"]
         layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]

@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ._files import file_stem
+from ..files import file_stem
+
+# Comment line of a .ctbl written by IrisSegment holding the exact segment names (JSON, label value -> name).
+NAMES_COMMENT = "# IrisSegment names: "
 
 
 def color_table_path(label_map: Path, suffix: str) -> Path:
@@ -42,19 +45,44 @@ def read_color_table(path: Path) -> dict[int, dict]:
             ) from None
         # As Slicer reads it: quotes (from scene files) dropped, underscores back to the spaces they stood for.
         segments[value] = {"name": fields[1].strip("'").replace("_", " "), "color": tuple(c / 255 for c in rgb)}
+    # The exact names IrisSegment wrote, where the table's one-word name still matches them (a name edited
+    # since, in Slicer or by hand, wins).
+    for value, name in _exact_names(lines).items():
+        if value in segments and _one_word(name) == _one_word(segments[value]["name"]):
+            segments[value]["name"] = name
     return segments
+
+
+def _one_word(name: str) -> str:
+    """A name as a .ctbl stores it: one word, spaces written as underscores (as Slicer writes it)."""
+    return "_".join(name.split())
+
+
+def _exact_names(lines: list[str]) -> dict[int, str]:
+    """Label value -> name from the NAMES_COMMENT line IrisSegment writes; {} without one or if it is damaged."""
+    for line in lines:
+        if line.startswith(NAMES_COMMENT):
+            try:
+                names = json.loads(line[len(NAMES_COMMENT):])
+                return {int(value): name for value, name in names.items() if isinstance(name, str) and name.strip()}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
 
 
 def write_color_table(segments: dict[int, dict], path: Path) -> None:
     """Write names and colors as a Slicer .ctbl.
 
-    Names are one word in this format: as Slicer does, spaces are written as underscores (and underscores read
-    back as spaces), so a name with underscores comes back with spaces, in Slicer and in read_color_table.
+    Names are one word in this format: as Slicer does, spaces are written as underscores, and Slicer reads
+    every underscore back as a space. So that names round-trip exactly here ("kidney_left" stays
+    "kidney_left", "front part" stays "front part"), the exact names are also written on a comment line
+    (NAMES_COMMENT, JSON), which Slicer skips and read_color_table prefers.
     """
     lines = ["# Color table written by IrisSegment: value name r g b a (0-255)", "0 Background 0 0 0 0"]
     for value, segment in sorted(segments.items()):
         r, g, b = (round(c * 255) for c in segment["color"])
-        lines.append(f"{value} {'_'.join(segment['name'].split())} {r} {g} {b} 255")
+        lines.append(f"{value} {_one_word(segment['name'])} {r} {g} {b} 255")
+    lines.append(NAMES_COMMENT + json.dumps({str(value): segment["name"] for value, segment in sorted(segments.items())}))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -64,7 +64,11 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         if n > min(_MAX_HEADER, len(data) - 8):
             raise ValueError("header length is out of range")
         header = json.loads(data[8 : 8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("the header's __metadata__ is not an object")
         body = memoryview(data)[8 + n :]
         tensors = {}
         for name, info in header.items():

@@ -26,6 +26,9 @@ from .worker import CancelRequested, Job, Progress, Worker
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval")
 UNDO_DEPTH = 5  # results kept for Undo; each is a copy of one segmentation
+# torch.OutOfMemoryError is new in torch 2.5; Slicer on macOS (x86_64) gets torch 2.2 at most, which has
+# only the CUDA one (the same class where both exist).
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _device_errors(work: Callable[[Progress, CancelRequested], object]) -> Calla
     def guarded(progress: Progress, cancel: CancelRequested) -> object:
         try:
             return work(progress, cancel)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise DeviceError("the GPU ran out of memory: close other programs using the GPU, or choose the CPU (Model > Device) and run again.") from None
@@ -107,6 +110,11 @@ class IrisSceneLogic:
     `predictor` may be injected (tests, scripts); otherwise the model is loaded on the worker thread
     from `weights` (None: the bundled file) on `device` ("auto", "cuda" or "cpu") by the first job.
     One job runs at a time.
+
+    `before_change(node)`, when set, is called on the main thread just before the logic changes the
+    content of an existing segmentation node (Segment or Tune into it, Undo): the panel saves the
+    Segment Editor's undo state there, so the editor's Undo and IrisSegment's Undo both keep what the
+    other did.
     """
 
     def __init__(self, predictor: IrisPredictor | None = None, weights: str | Path | None = None, device: str = "auto") -> None:
@@ -120,20 +128,31 @@ class IrisSceneLogic:
         self.tuned_unchecked = False  # the last Tune had no reference of the task left in the scene to check its classes on
         self.tuned_uncalibrated = False  # ... and it joined a scan, so there was none to calibrate the pair on either
         self._tunes: tuple[tuple[tuple[str, str], TaskEmbedding, TaskEmbedding], ...] = ()  # each Tune: (target, output) IDs, task tuned, result
+        self.kept_segments: list[str] = []  # segments the last Tune kept in the output: not classes of the task
         self._encoded: dict[str, TaskEmbedding] = {}
         self._undo: list[_UndoState] = []
         self._job: Job | None = None
+        self.before_change: Callable[[object], None] | None = None
 
     # ------------------------------------------------------------------ model and state
     def set_model(self, weights: str | Path | None, device: str) -> None:
-        """Use other weights or another device from the next job on (embeddings fit only their model)."""
+        """Use other weights or another device from the next job on.
+
+        Embeddings fit only the weights that made them: other weights drop the task and the encoded
+        references. Another device keeps them (the same model, loaded again on that device), so a result
+        segmented on the CPU can still be tuned on the GPU."""
         self._check_idle()
         settings = (str(weights) if weights else None, device)
-        if settings != self._settings or self.predictor is None:
-            self._settings = settings
-            self.predictor = None
-            self._encoded.clear()
-            self.task, self._task_key, self._task_references = None, None, []
+        if settings == self._settings and self.predictor is not None:
+            return
+        weights_changed = settings[0] != self._settings[0]
+        self._settings = settings
+        self.predictor = None  # loaded (on the new device) by the next job
+        if not weights_changed:
+            return
+        self._encoded.clear()
+        self.task, self._task_key, self._task_references = None, None, []
+        self._tunes, self.untuned, self.tuned_unchecked, self.tuned_uncalibrated = (), [], False, False
 
     @property
     def device_description(self) -> str:
@@ -157,6 +176,17 @@ class IrisSceneLogic:
         if self._job is not None:
             self._job.cancel()
         self.worker.shutdown(timeout=10)
+
+    def reset(self) -> None:
+        """Forget everything tied to the scene (scene close): the task and its references, the Tune
+        history (keyed by node IDs, which a new scene reuses), Undo. A running job is cancelled, so it
+        changes nothing when collected. The model and the encoded references (keyed by their content)
+        stay."""
+        if self._job is not None:
+            self._job.cancel()
+        self.task, self._task_key, self._task_references = None, None, []
+        self._tunes, self._undo = (), []
+        self.untuned, self.kept_segments, self.tuned_unchecked, self.tuned_uncalibrated = [], [], False, False
 
     def start_load_model(self) -> Job:
         """Load the model now (normally the first Segment does it), e.g. to show the device used."""
@@ -270,13 +300,25 @@ class IrisSceneLogic:
 
         def finish(value: tuple[TaskEmbedding, Volume, list[str], bool]):
             tuned, result, untuned, joined = value
-            node = self._write(result, target, output)
+            extra = self._extra_segments(output, values)  # as the output is now: the user may have edited it meanwhile
+            node = self._write(result, target, output, keep=extra)
+            self.kept_segments = [output.GetSegmentation().GetSegment(i).GetName() for i in extra]
             self.task, self.untuned, self._tunes = tuned, untuned, (*self._tunes, (scan, task, tuned))
             self.tuned_unchecked = not references
             self.tuned_uncalibrated = joined and not references
             return node
 
         return self._submit("Tuning", work, finish)
+
+    @staticmethod
+    def _extra_segments(output, values: dict) -> list[str]:
+        """IDs of the output's segments that are none of the task's classes (the user added them)."""
+        segmentation = output.GetSegmentation()
+        return [
+            segment_id
+            for segment_id in scene_bridge.segment_ids(output)
+            if class_key(0, scene_bridge.segment_metadata(segmentation.GetSegment(segment_id))) not in values
+        ]
 
     def _scans_joined(self, task: TaskEmbedding) -> set[tuple[str, str]]:
         """The (target, output) scans whose corrections joined `task`'s context: the Tunes it came from."""
@@ -312,6 +354,7 @@ class IrisSceneLogic:
         if state.node.GetScene() is None:
             self._undo.clear()
             raise InputError("The segmentation to restore was deleted; nothing was changed.")
+        self._before_change(state.node)
         scene_bridge.restore(state.node, state.content)
         self.task, self._task_key, self._task_references, self._tunes = state.task, state.task_key, state.task_references, state.tunes
         self.untuned, self.tuned_unchecked, self.tuned_uncalibrated = state.untuned, state.tuned_unchecked, state.tuned_uncalibrated
@@ -325,7 +368,10 @@ class IrisSceneLogic:
         path = Path(path)
         if not path.parent.is_dir():
             raise InputError(f"cannot write {path}: the folder {path.parent} does not exist.")
-        self.task.save(path)
+        try:
+            self.task.save(path)
+        except OSError as exc:
+            raise InputError(f"could not write {path}: {exc.strerror or exc}. Choose a folder you can write to.") from None
         return path
 
     @staticmethod
@@ -334,15 +380,17 @@ class IrisSceneLogic:
         return TaskEmbedding.load(path)
 
     # ------------------------------------------------------------------ export
-    def export_labelmap(self, output, target=None):
-        """A new label map volume of the output's segments on the target's grid (values 1..N in segment order)."""
-        self._check_exportable(output)
-        return scene_bridge.export_labelmap(output, target, f"{output.GetName()} labels")
+    @staticmethod
+    def export_labelmap(output, target=None):
+        """A new label map volume of the output's segments on the target's grid (values 1..N in segment
+        order). Needs no model: the same as scene_bridge.export_labelmap, which the panel calls without torch."""
+        return scene_bridge.export_labelmap(output, target)
 
-    def export_file(self, output, path: str | Path, target=None) -> list[Path]:
-        """Write the output as .seg.nrrd, or as NIfTI/NRRD with a .ctbl of names and colors; returns the files."""
-        self._check_exportable(output)
-        return scene_bridge.export_file(output, target, path)
+    @staticmethod
+    def export_file(output, path: str | Path, target=None, overwrite: bool = False) -> list[Path]:
+        """Write the output as .seg.nrrd, or as NIfTI/NRRD with a .ctbl of names and colors; returns the files.
+        An existing file or sidecar is replaced only with `overwrite`."""
+        return scene_bridge.export_file(output, target, path, overwrite)
 
     # ------------------------------------------------------------------ helpers
     def _predictor(self, progress: Progress) -> IrisPredictor:
@@ -372,15 +420,13 @@ class IrisSceneLogic:
                 "IrisSegment never overwrites references."
             )
 
-    @staticmethod
-    def _check_exportable(output) -> None:
-        scene_bridge.check_segmentation(output, "output")
-        if not scene_bridge.segment_ids(output):
-            raise InputError(f"{output.GetName()!r} has no segments to export.")
+    def _before_change(self, node) -> None:
+        if self.before_change is not None:
+            self.before_change(node)
 
-    def _write(self, result: Volume, target, output):
-        """Write into a new node, or into `output` keeping its previous content for Undo; on failure
-        the scene is left as it was."""
+    def _write(self, result: Volume, target, output, keep: Sequence[str] = ()):
+        """Write into a new node, or into `output` keeping its previous content for Undo (and its `keep`
+        segments); on failure the scene is left as it was."""
         if output is None:
             node = scene_bridge.new_segmentation_node(f"{target.GetName()} IrisSegment")
             try:
@@ -391,8 +437,9 @@ class IrisSceneLogic:
             return node
         state = _UndoState(output, scene_bridge.snapshot(output), self.task, self._task_key, self._task_references, self._tunes,
                            list(self.untuned), self.tuned_unchecked, self.tuned_uncalibrated)
+        self._before_change(output)
         try:
-            scene_bridge.write_segments(result, output, target)
+            scene_bridge.write_segments(result, output, target, keep)
         except BaseException:
             scene_bridge.restore(output, state.content)
             raise

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import slicer
 import vtk
 
 from ..errors import InputError
+from ..files import staged_write
 from ..segments import class_terminology, label_dtype
 from ..volume import Volume
 
@@ -162,8 +163,8 @@ def remove_node(node) -> None:
     scene = node.GetScene()
     if scene is None:
         return
-    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] if node.IsA("vtkMRMLDisplayableNode") else []
+    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())] if node.IsA("vtkMRMLStorableNode") else []
     colors = [d.GetColorNode() for d in helpers if d is not None and d.IsA("vtkMRMLDisplayNode")]
     helpers += [c for c in colors if c is not None and not c.GetSingletonTag()]  # never Slicer's shared tables
     scene.RemoveNode(node)
@@ -178,27 +179,33 @@ def new_segmentation_node(name: str):
     return node
 
 
-def write_segments(labels: Volume, node, target_node) -> None:
+def write_segments(labels: Volume, node, target_node, keep: Sequence[str] = ()) -> None:
     """Replace `node`'s segments by one per label value of `labels` (which lies on the target's grid).
 
     Every class gets its segment, empty where it was not found, so the user can paint it and tune;
-    names, colors and terminology come from `labels.segments`.
+    names, colors and terminology come from `labels.segments`. The segments named in `keep` (by ID)
+    stay as they are, after the classes: Tune keeps the segments a user added that are not classes.
     """
     values = list(labels.segments)
+    kept = [segment_id for segment_id in segment_ids(node) if segment_id in set(keep)]
     node.SetReferenceImageGeometryParameterFromVolumeNode(target_node)
     node.SetAndObserveTransformNodeID(target_node.GetTransformNodeID())
     segmentation = node.GetSegmentation()
     was_modifying = node.StartModify()
     try:
-        segmentation.RemoveAllSegments()
+        for segment_id in segment_ids(node):
+            if segment_id not in kept:
+                segmentation.RemoveSegment(segment_id)
         ids = vtk.vtkStringArray()
         for value in values:
             metadata = labels.segments[value]
-            segment_id = segmentation.AddEmptySegment(f"Segment_{value}", metadata["name"], list(metadata["color"]))
+            segment_id = segmentation.AddEmptySegment(_free_segment_id(segmentation, f"Segment_{value}"), metadata["name"], list(metadata["color"]))
             if metadata.get("terminology"):
                 segment = segmentation.GetSegment(segment_id)
                 segment.SetTag(segment.GetTerminologyEntryTagName(), metadata["terminology"])
             ids.InsertNextValue(segment_id)
+        for index in range(ids.GetNumberOfValues()):  # the classes first, in their order; kept segments after
+            segmentation.SetSegmentIndex(ids.GetValue(index), index)
         # ImportLabelmapToSegmentationNode maps label n to the n-th segment id: renumber the values 1..K.
         lookup = np.zeros(max(values, default=0) + 1, dtype=label_dtype(len(values)))
         lookup[values] = np.arange(1, len(values) + 1)
@@ -216,6 +223,15 @@ def write_segments(labels: Volume, node, target_node) -> None:
         node.EndModify(was_modifying)
 
 
+def _free_segment_id(segmentation, wanted: str) -> str:
+    """`wanted`, or a variant of it no kept segment uses."""
+    segment_id, number = wanted, 1
+    while segmentation.GetSegment(segment_id) is not None:
+        number += 1
+        segment_id = f"{wanted}_{number}"
+    return segment_id
+
+
 def snapshot(node):
     """A deep copy of a segmentation's content (segments, representations, tags), for undo."""
     copy = slicer.vtkSegmentation()
@@ -230,8 +246,18 @@ def restore(node, copy) -> None:
     node.EndModify(was_modifying)
 
 
-def export_labelmap(node, reference_node, name: str):
-    """A new label map volume of all segments on the reference volume's grid (values 1..N in segment order)."""
+def check_exportable(node) -> None:
+    check_segmentation(node, "output")
+    if not segment_ids(node):
+        raise InputError(f"{node.GetName()!r} has no segments to export.")
+
+
+def export_labelmap(node, reference_node, name: str | None = None):
+    """A new label map volume of all segments on the reference volume's grid (values 1..N in segment order).
+
+    Like `export_file`, it needs no model and no torch: the panel's export buttons use it directly."""
+    check_exportable(node)
+    name = name or f"{node.GetName()} labels"
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", slicer.mrmlScene.GenerateUniqueName(name))
     ids = vtk.vtkStringArray()
     for segment_id in segment_ids(node):
@@ -256,25 +282,35 @@ def _write(storage, node, path: Path) -> None:
         raise InputError(f"could not write {path}: check the folder is writable and the disk has space.")
 
 
-def export_file(node, reference_node, path: str | Path) -> list[Path]:
-    """Write `.seg.nrrd` (names, colors, terminology), or NIfTI/NRRD plus `<stem>.ctbl` with the names
-    and colors (read by Slicer and the iris-segment CLI). Returns the files written."""
+def export_paths(path: str | Path) -> list[Path]:
+    """The files `export_file` writes for `path`: the file itself, then any sidecar (`<stem>.ctbl`)."""
     path = Path(path)
     suffix = _file_kind(path)
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist.")
     if suffix == SEGMENTATION_SUFFIX:
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.CropToMinimumExtentOff()  # the full reference grid, so the file pairs with its scan voxel for voxel
-        _write(storage, node, path)
         return [path]
-    labelmap = export_labelmap(node, reference_node, f"{node.GetName()} export")
-    try:
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.UseCompressionOn()
-        _write(storage, labelmap, path)
-        table = path.with_name(path.name[: -len(suffix)] + ".ctbl")
-        _write(slicer.vtkMRMLColorTableStorageNode(), labelmap.GetDisplayNode().GetColorNode(), table)
-    finally:
-        remove_node(labelmap)
-    return [path, table]
+    return [path, path.with_name(path.name[: -len(suffix)] + ".ctbl")]
+
+
+def export_file(node, reference_node, path: str | Path, overwrite: bool = False) -> list[Path]:
+    """Write `.seg.nrrd` (names, colors, terminology), or NIfTI/NRRD plus `<stem>.ctbl` with the names
+    and colors (read by Slicer and the iris-segment CLI). Returns the files written.
+
+    An existing file, sidecar included, is replaced only with `overwrite`; files appear complete or
+    not at all (written under temporary names, then moved into place)."""
+    check_exportable(node)
+    path, *sidecars = export_paths(path)
+    with staged_write(path, *sidecars, overwrite=overwrite) as temps:
+        if not sidecars:
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.CropToMinimumExtentOff()  # the full reference grid, so the file pairs with its scan voxel for voxel
+            _write(storage, node, temps[0])
+        else:
+            labelmap = export_labelmap(node, reference_node, f"{node.GetName()} export")
+            try:
+                storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+                storage.UseCompressionOn()
+                _write(storage, labelmap, temps[0])
+                _write(slicer.vtkMRMLColorTableStorageNode(), labelmap.GetDisplayNode().GetColorNode(), temps[1])
+            finally:
+                remove_node(labelmap)
+    return [path, *sidecars]

@@ -5,6 +5,13 @@ progress (a QTimer in the panel, a loop or `result()` in tests) and, once the wo
 job's `finish` itself: that is where the scene is changed, so MRML is only ever touched on the main
 thread, and a failed or cancelled job changes nothing. The thread persists, so state such as the
 loaded model stays on its device between jobs. Neither Qt nor torch is imported here.
+
+Slicer's main thread holds Python's interpreter lock while it sits in the Qt event loop (PythonQt
+releases it only while Python code runs), so a Python thread left alone there gets the lock only at
+the brief moments Python runs, and torch work (Python between its kernels) crawls. The panel's
+collector therefore spends most of each timer tick in `Job.wait`, which blocks without the lock:
+the worker runs then, and the event loop still gets the rest of the tick
+(COLLECT_WAIT_SECONDS of every POLL_SECONDS).
 """
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ Value = TypeVar("Value")
 Outcome = TypeVar("Outcome")
 Progress = Callable[[float, str], None]
 CancelRequested = Callable[[], bool]
+
+POLL_SECONDS = 0.1  # the panel's timer interval
+COLLECT_WAIT_SECONDS = 0.08  # of each tick, the time the collector waits on the job (the worker's share)
 
 
 class Job(Generic[Value, Outcome]):
@@ -74,6 +84,19 @@ class Job(Generic[Value, Outcome]):
                 updates.append(self._updates.get_nowait())
             except queue.Empty:
                 return updates
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds without holding the interpreter lock, so the worker thread
+        runs meanwhile; True once the job has ended (then `poll()` applies it). Returns early when
+        the job ends."""
+        return self._done.wait(max(0.0, timeout))
+
+    def tick(self, wait: float = COLLECT_WAIT_SECONDS) -> tuple[list[tuple[float, str]], bool]:
+        """One timer tick of the panel's collector: wait on the job (the worker runs meanwhile), then
+        the progress updates since the last tick and whether the job has ended (applied, as `poll`)."""
+        self.wait(wait)
+        updates = self.progress()
+        return updates, self.poll()
 
     def poll(self) -> bool:
         """True once the job has ended; its outcome is then applied (once) and `result()` returns at once."""

@@ -1,16 +1,22 @@
-"""Episodic in-context training (Iris recipe scaled to CPU), resumable exactly and DDP-ready.
+"""Episodic in-context training (Iris recipe scaled to CPU), resumable and DDP-ready.
 
-Each step draws episodes from the data root (a reference and a query of one set, a random class
-subset), optimises Dice + BCE, and updates the memory bank by EMA. Episodes are a pure function
-of (seed, step), so a resumed run draws exactly what the interrupted one would have drawn.
-Run with plain python on a CPU or under `torchrun --nproc_per_node=N` on GPUs.
+Each step draws episodes (labelled, invented and agnostic tasks, see training.data), optimises
+Dice + BCE, and updates the memory bank by EMA from the labelled classes. Episodes are a pure
+function of (seed, step), so a resumed run draws exactly what the interrupted one would have drawn.
+Run with plain python on a CPU or under `torchrun --nproc_per_node=N` on GPUs (bf16 autocast).
+
+Resume state: `last.pt` (weights and optimizer, exact; local, never committed) or, when it is
+absent, `resume.json` with `resume.safetensors` (float16 weights, a few MB, committed): the run
+goes on at the step and schedule position recorded there with a fresh optimizer.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import replace
@@ -23,8 +29,9 @@ import torch.distributed as dist
 from ..model.config import IrisConfig
 from ..model.iris import IrisModel
 from ..model.loss import dice_bce_loss
-from ..model.weights import save_model
-from .data import EpisodeSampler, EpisodeStream, load_all
+from ..model.serialization import load_tensors
+from ..model.weights import load_model, save_model
+from .data import TASK_MIX, EpisodeSampler, EpisodeStream, load_all, load_unseen
 
 log = logging.getLogger("iris.train")
 
@@ -37,6 +44,16 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _mix(text: str) -> dict[str, float]:
+    try:
+        mix = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mix wants kind=share pairs separated by commas, got {text!r}") from None
+    if set(mix) - set(TASK_MIX) or not any(v > 0 for v in mix.values()) or any(v < 0 for v in mix.values()):
+        raise argparse.ArgumentTypeError(f"--mix kinds are {', '.join(TASK_MIX)} with shares >= 0 (one positive), got {text!r}")
+    return mix
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="iris-segment train", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="data root with one nnU-Net-layout folder per set")
@@ -44,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40000, help="total optimiser steps of the schedule")
     p.add_argument("--patch", type=int, default=64, help="training crop size in voxels (the working spacing stays that of a full target)")
     p.add_argument("--episodes-per-step", type=int, default=4, help="episodes per optimiser step, run as one batch")
-    p.add_argument("--max-classes", type=int, default=6, help="at most this many classes per episode (many-class sets are segmented all at once)")
+    p.add_argument("--max-classes", type=int, default=6, help="at most this many classes per labelled episode")
+    p.add_argument("--max-invented", type=int, default=12, help="at most this many classes per invented or agnostic episode")
+    p.add_argument("--mix", type=_mix, default=dict(TASK_MIX), help="episode kind shares, e.g. labelled=0.4,invented=0.3,agnostic=0.3")
+    p.add_argument("--init", type=Path, help="start a new run from these weights (memory-bank rows matched by class name)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -67,30 +87,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(message)s",
-        handlers=[logging.FileHandler(args.output / "train.log"), logging.StreamHandler()],
-    )
+    logging.basicConfig(format="%(asctime)s %(message)s")  # the console; a no-op where logging is set up already
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    run_log = logging.FileHandler(args.output / "train.log")  # this run's own file, whoever configured logging
+    run_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(run_log)
+    try:
+        train(args, rank, distributed, device)
+    finally:
+        log.removeHandler(run_log)
+        run_log.close()
+        if distributed:
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, rank: int, distributed: bool, device: torch.device) -> None:
+    """The training loop of `main`, from the run folder's resume state to --steps (or --stop-after)."""
     base_config = IrisConfig()
     sets = load_all(args.data, base_config.working_size, args.datasets)
-    sampler = EpisodeSampler(sets, args.patch, args.max_classes)
+    sampler = EpisodeSampler(sets, args.patch, args.max_classes, args.mix, args.max_invented)
     class_keys = sampler.class_keys()
     config = replace(base_config, memory_classes=tuple(class_keys))
     log.info("sets: %s", ", ".join(f"{s.name} ({s.kind}, {len(s.cases)} cases)" for s in sets))
     torch.manual_seed(args.seed)
     model = IrisModel(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start, hours_before = 0, 0.0
-    ckpt_path = args.output / "last.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["config"] != config.to_json():
-            raise SystemExit(f"{ckpt_path} was trained with other settings or data; use a new --output folder")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, hours_before = ckpt["step"], ckpt["hours"]
-        log.info("resumed at step %d", start)
+    start, hours_before = resume(model, optimizer, config, args, device)
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
     class_index = {k: i for i, k in enumerate(class_keys)}
     began = time.time()
@@ -106,12 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         batch = next(episodes)
         classes = batch.classes.to(device)
-        logits, tokens = net(batch.reference.to(device), batch.reference_masks.to(device), batch.query.to(device), classes)
-        loss = dice_bce_loss(logits, batch.query_masks.to(device), classes.to(logits.dtype))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, tokens = net(batch.reference.to(device), batch.reference_masks.to(device), batch.query.to(device), classes)
+        loss = dice_bce_loss(logits.float(), batch.query_masks.to(device), classes.float())
         loss.backward()
         total = float(loss.detach())
-        rows = [[class_index[key] for key in keys] for keys in batch.class_keys]
-        update_memory_bank(model.memory_bank, rows, tokens.detach(), args.ema, args.episodes_per_step * args.max_classes)
+        rows = [[class_index[key] if key else -1 for key in keys] for keys in batch.class_keys]
+        capacity = args.episodes_per_step * max(args.max_classes, args.max_invented)
+        update_memory_bank(model.memory_bank, rows, tokens.detach().float(), args.ema, capacity)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
@@ -124,8 +148,6 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint(model, optimizer, step, config, args, hours_before + (time.time() - began) / 3600)
         if stop:
             break
-    if distributed:
-        dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -134,7 +156,8 @@ def update_memory_bank(bank: torch.Tensor, rows: list[list[int]], tokens: torch.
     classes beyond rows[e] are ignored). Under DDP each rank sees other episodes, so every rank's
     updates are gathered and applied in rank order everywhere: the banks stay identical, and the one
     rank 0 saves holds every class seen on any rank. `capacity`: the most class embeddings a rank
-    makes in one step (episodes x classes), the size each rank sends."""
+    makes in one step (episodes x classes), the size each rank sends. A row of -1 is a nameless
+    class (invented or agnostic): it has no entry."""
     seen = torch.full((capacity,), -1, dtype=torch.long, device=bank.device)
     embeddings = torch.zeros((capacity, *bank.shape[1:]), dtype=bank.dtype, device=bank.device)
     n = 0
@@ -154,12 +177,53 @@ def update_memory_bank(bank: torch.Tensor, rows: list[list[int]], tokens: torch.
             entry.copy_(embedding if not entry.any() else momentum * entry + (1 - momentum) * embedding)
 
 
+def resume(model: IrisModel, optimizer: torch.optim.Optimizer, config: IrisConfig, args: argparse.Namespace, device: torch.device) -> tuple[int, float]:
+    """Step and hours already trained, after loading what the run folder holds (see the module
+    docstring), or `--init` weights for a new run; (0, 0.0) for a run from scratch."""
+    full, light = args.output / "last.pt", args.output / "resume.json"
+    if full.exists():
+        ckpt = torch.load(full, map_location=device, weights_only=True)
+        if ckpt["config"] != config.to_json():
+            raise SystemExit(f"{full} was trained with other settings or data; use a new --output folder")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        log.info("resumed at step %d (weights and optimizer)", ckpt["step"])
+        return ckpt["step"], ckpt["hours"]
+    if light.exists():
+        state = json.loads(light.read_text())
+        tensors, meta = load_tensors(args.output / state["weights"])
+        if meta.get("config") != config.to_json():
+            raise SystemExit(f"{light} was trained with other settings or data; use a new --output folder")
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in tensors.items()})
+        log.info("resumed at step %d from %s (float16 weights, fresh optimizer)", state["step"], state["weights"])
+        return state["step"], state["hours"]
+    if args.init:
+        init_from(model, load_model(args.init, device="cpu"))
+        log.info("new run initialised from %s", args.init)
+    return 0, 0.0
+
+
+def init_from(model: IrisModel, source: IrisModel) -> None:
+    """Copy every network weight of `source`, and the memory-bank rows of the classes both know."""
+    state = {k: v for k, v in source.state_dict().items() if k != "memory_bank"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"memory_bank"}:
+        raise SystemExit(f"--init weights do not fit this architecture (missing {missing}, unexpected {unexpected})")
+    rows = {name: i for i, name in enumerate(source.config.memory_classes)}
+    with torch.no_grad():
+        for i, name in enumerate(model.config.memory_classes):
+            if name in rows:
+                model.memory_bank[i] = source.memory_bank[rows[name]].to(model.memory_bank)
+
+
 def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, config: IrisConfig, args: argparse.Namespace, hours: float) -> None:
-    """Resume state (atomic) plus the exported inference weights with their provenance."""
+    """Resume state (atomic): `last.pt` for an exact resume here, `resume.json` + float16
+    `resume.safetensors` for the repository; plus the exported weights with their provenance."""
     tmp = args.output / "last.pt.part"
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "hours": hours, "config": config.to_json()}
     torch.save(state, tmp)
     os.replace(tmp, args.output / "last.pt")
+    unseen_sets, unseen_classes = load_unseen()
     provenance = {
         "steps": step,
         "train_hours": round(hours, 3),
@@ -167,11 +231,24 @@ def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, co
         "patch": args.patch,
         "episodes_per_step": args.episodes_per_step,
         "max_classes": args.max_classes,
+        "max_invented": args.max_invented,
+        "mix": args.mix,
         "lr": args.lr,
+        "init": str(args.init) if args.init else None,
         "data": sorted({k.split("/")[0] for k in config.memory_classes}),
         "heldout": "Resources/splits.json",
+        "unseen_sets": sorted(unseen_sets),
+        "unseen_classes": sorted(unseen_classes),
     }
-    save_model(model, args.output / f"iris_step{step:06d}.safetensors", provenance)
+    weights = args.output / f"iris_step{step:06d}.safetensors"
+    save_model(model, weights, provenance)
+    shutil.copyfile(weights, args.output / "resume.safetensors.part")
+    os.replace(args.output / "resume.safetensors.part", args.output / "resume.safetensors")
+    schedule = {"lr": args.lr, "warmup": args.warmup, "steps": args.steps, "seed": args.seed}
+    resume_state = {"step": step, "hours": round(hours, 4), "weights": "resume.safetensors", "schedule": schedule,
+                    "note": "resume with the same --steps/--lr/--warmup/--seed; the optimizer restarts fresh from these weights"}
+    (args.output / "resume.json.part").write_text(json.dumps(resume_state, indent=1) + "\n")
+    os.replace(args.output / "resume.json.part", args.output / "resume.json")
     log.info("checkpoint at step %d", step)
 
 

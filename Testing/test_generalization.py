@@ -1,0 +1,92 @@
+"""benchmarks/generalization.py's own rules on tiny synthetic volumes: which cases and pairs it
+takes, how cell instances are merged, which classes the size rule counts, when registration bins a
+thin slab, and the score that ranks checkpoints."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from IrisSegmentLib.volume import Volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import generalization as g  # noqa: E402
+
+
+def test_cases_are_spread_evenly_and_do_not_depend_on_the_order_given() -> None:
+    ids = [f"case_{i}" for i in range(9)]
+    chosen = g.evenly_spaced(list(reversed(ids)), 6)
+    assert chosen == ["case_0", "case_2", "case_3", "case_5", "case_6", "case_8"]
+    assert g.evenly_spaced(ids, 6) == chosen
+    assert g.evenly_spaced(ids, 20) == ids  # a small set: all of it
+    assert g.evenly_spaced(ids, 1) == ["case_0"]
+    for count in range(1, 9):  # never the same case twice
+        assert len(set(g.evenly_spaced(ids, count))) == count
+
+
+def test_pairs_run_in_a_cycle_and_a_single_case_has_none() -> None:
+    assert g.cyclic_pairs(["a", "b", "c"]) == [("a", "b"), ("b", "c"), ("c", "a")]
+    assert g.cyclic_pairs(["a", "b"]) == [("a", "b"), ("b", "a")]
+    assert g.cyclic_pairs(["a"]) == []
+
+
+def test_cell_instances_merge_into_one_named_class_on_the_same_grid() -> None:
+    labels = np.zeros((6, 6, 6), dtype=np.uint16)
+    labels[0, 0, :3], labels[2, 2, 2], labels[5, 5, 5] = 1, 7, 300
+    affine = np.diag([0.3, 0.1, 0.1, 1.0])
+    cells = g.merged(Volume(labels, affine, name="ovule", segments={1: {"name": "cell_1"}, 7: {"name": "cell_7"}}))
+    assert cells.array.dtype == np.uint8
+    assert np.array_equal(cells.array, (labels > 0).astype(np.uint8))
+    assert cells.segments == {1: {"name": "cells"}}
+    assert np.array_equal(cells.affine, affine) and cells.name == "ovule"
+
+
+def test_the_size_rule_counts_classes_from_one_cubic_centimetre_or_from_1000_voxels() -> None:
+    # 2 mm voxels are 8 mm^3: 125 voxels make 1 cm^3 exactly, 124 do not.
+    assert g.counts_by_size(125, (2.0, 2.0, 2.0), voxel_rule=False)
+    assert not g.counts_by_size(124, (2.0, 2.0, 2.0), voxel_rule=False)
+    # Micrometres written as mm: 1000 voxels count whatever the (tiny) nominal volume.
+    assert g.counts_by_size(1000, (0.284, 0.127, 0.127), voxel_rule=True)
+    assert not g.counts_by_size(999, (0.284, 0.127, 0.127), voxel_rule=True)
+    assert not g.counts_by_size(1000, (0.284, 0.127, 0.127), voxel_rule=False)
+
+
+def test_class_records_score_each_class_and_the_means_follow_the_size_rule_and_unseen_classes() -> None:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    truth = np.zeros((20, 20, 20), dtype=np.uint8)
+    truth[:5, :5, :5] = 1  # 125 voxels: 1 cm^3, counted
+    truth[10:12, 10:12, 10:12] = 2  # 8 voxels: too small
+    prediction = np.zeros_like(truth)
+    prediction[:5, :5, :5] = 1  # class 1 perfect, class 2 missed
+    records = g.class_records(Volume(prediction, affine), Volume(truth, affine), {1: "liver", 2: "Gallbladder"}, [1, 2], {"gallbladder"}, False)
+    by_name = {r["name"]: r for r in records}
+    assert by_name["liver"]["dice"] == pytest.approx(1.0) and by_name["liver"]["counted"] and not by_name["liver"]["unseen_class"]
+    assert by_name["Gallbladder"]["dice"] == 0.0 and not by_name["Gallbladder"]["counted"] and by_name["Gallbladder"]["unseen_class"]
+    assert by_name["Gallbladder"]["predicted_voxels"] == 0 and by_name["liver"]["cm3"] == pytest.approx(1.0)
+    assert g.case_mean(records) == pytest.approx(0.5)
+    assert g.case_mean(records, "counted") == pytest.approx(1.0)
+    assert g.case_mean(records, "unseen") == 0.0
+    assert g.case_mean([r for r in records if r["name"] == "liver"], "unseen") is None
+
+
+def test_registration_bins_thin_slabs_only() -> None:
+    affine = np.diag([1.125, 1.125, 3.3, 1.0])
+    assert g._bin_factor(Volume(np.zeros((320, 320, 22), dtype=np.int16), affine)) == 3  # 107 x 107 x 22 <= 64^3
+    assert g._bin_factor(Volume(np.zeros((128, 128, 128), dtype=np.int16), affine)) == 1  # its pyramid gets there
+    assert g._bin_factor(Volume(np.zeros((64, 64, 60), dtype=np.int16), affine)) == 1
+
+
+def test_the_score_averages_unseen_rows_only_and_skips_what_a_row_lacks() -> None:
+    def row(kind: str, **summary) -> dict:
+        base = {"self_counted": None, "one_shot": None, "self_unseen_classes": None}
+        return {"kind": kind, "summary": {**base, **summary}}
+
+    table = {"rows": [
+        row(g.UNSEEN_SET, self_counted=0.8, one_shot=0.4),
+        row(g.UNSEEN_SET, self_counted=0.6),  # one case: no one-shot
+        row(g.UNSEEN_CLASSES, self_counted=0.9, self_unseen_classes=0.2),
+        row(g.IN_DISTRIBUTION, self_counted=1.0, one_shot=1.0),
+    ]}
+    assert g.generalization_score(table) == pytest.approx(np.mean([0.8, 0.4, 0.6, 0.2]))
