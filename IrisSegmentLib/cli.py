@@ -181,15 +181,23 @@ def _read_references(references: list[list[str]]):
     return volumes
 
 
-def _encode_references(predictor, volumes, classes, modality):
-    """A task per (image, labels) reference; the volumes also serve ensemble calibration."""
+def _encode_references(predictor, volumes, classes, modality, fit_steps: int = 0):
+    """A task per (image, labels) reference, fitted to its own reference for `fit_steps` optimiser
+    steps when asked (IrisPredictor.fit_to_reference); the volumes also serve ensemble calibration."""
     tasks = []
     for image, labels in volumes:
         bar = _progress_bar(f"encoding {labels.name}")
         try:
-            tasks.append(predictor.encode_reference(image, labels, classes, modality, progress=bar))
+            task = predictor.encode_reference(image, labels, classes, modality, progress=bar)
         finally:
             bar.close()
+        if fit_steps:
+            bar = _progress_bar(f"fitting to {labels.name}")
+            try:
+                task = predictor.fit_to_reference(task, image, labels, steps=fit_steps, progress=bar)
+            finally:
+                bar.close()
+        tasks.append(task)
     return tasks
 
 
@@ -236,6 +244,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         raise InputError("give a reference (--reference IMAGE LABELS) or a task file (--task FILE), or use --strategy memory --classes NAMES.")
     if strategy == "one-shot" and count > 1:
         raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
+    if args.fit_reference and not args.reference:
+        raise InputError("--fit-reference fits embeddings to their reference scans: give --reference IMAGE LABELS (a task file is fitted when it is encoded).")
     if args.top_k is not None and strategy != "retrieval":
         raise InputError(f"--top-k applies to --strategy retrieval only (this run is {strategy}).")
     inputs = [Path(args.target), *[Path(p) for pair in args.reference or [] for p in pair], *[Path(p) for p in args.task or []]]
@@ -250,7 +260,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if strategy == "memory":
         task_or_pool = predictor.memory_bank_task(args.classes)
     else:
-        tasks = _encode_references(predictor, volumes, args.classes, args.modality) + files
+        tasks = _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference) + files
         task_or_pool = tasks if strategy == "retrieval" else _ensemble(predictor, tasks, volumes)
     bar = _progress_bar("segmenting")
     try:
@@ -283,7 +293,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     _check_output(output, [Path(p) for pair in args.reference for p in pair], args.overwrite, kind="task")
     volumes = _read_references(args.reference)
     predictor = _predictor(args)
-    task = _ensemble(predictor, _encode_references(predictor, volumes, args.classes, args.modality), volumes)
+    task = _ensemble(predictor, _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference), volumes)
     task.save(output)
     print(f"wrote {output}: {len(task.label_values)} classes ({', '.join(task.class_names)}) from {len(args.reference)} reference(s)")
 
@@ -385,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--classes", nargs="+", help="label values or segment names to transfer (default: all)")
         p.add_argument("--modality", default="auto", type=_modality_choice, help="auto, CT or MR (intensity normalisation)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        p.add_argument("--fit-reference", type=_whole_number(0, MAX_TUNING_STEPS, "a number of steps"), default=0, metavar="STEPS",
+                       help="fit each reference's embeddings to the reference itself for STEPS optimiser steps before use "
+                            f"(network frozen; 0 to {MAX_TUNING_STEPS}, default 0: off); helps most for structures the model was not trained on")
 
     seg = sub.add_parser("segment", help="segment a target scan from references, task files or the memory bank")
     reference_options(seg, required=False)

@@ -139,6 +139,19 @@ def test_retrieval_from_references_and_task_files(capsys, tmp_path, files, weigh
     check_output(output, files["target"], CLASS_NAMES)
 
 
+def test_a_task_can_be_fitted_to_its_reference_when_encoded(capsys, tmp_path, files, weights_file):
+    plain, fitted = tmp_path / "plain.safetensors", tmp_path / "fitted.safetensors"
+    reference = ["--reference", files["image1"], files["labels1"], "--weights", weights_file]
+    ok(capsys, "encode", *reference, "--output", plain)
+    ok(capsys, "encode", *reference, "--fit-reference", "3", "--output", fitted)
+    assert not torch.equal(TaskEmbedding.load(plain).tokens, TaskEmbedding.load(fitted).tokens)
+    assert TaskEmbedding.load(plain).class_names == TaskEmbedding.load(fitted).class_names
+    output = tmp_path / "seg.nii.gz"
+    fails(capsys, "segment", "--task", plain, "--target", files["target"], "--fit-reference", "3", "--output", output,
+          "--weights", weights_file, output=output, words=("--reference",))
+    fails(capsys, "encode", *reference, "--fit-reference", "-1", "--output", tmp_path / "x.safetensors", words=("steps",))
+
+
 def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
     task_path = tmp_path / "task.safetensors"
     ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
