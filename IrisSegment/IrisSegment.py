@@ -118,6 +118,7 @@ class IrisSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     allowModalityMismatch: bool = False
     tuneSteps: Annotated[int, WithinRange(1, 1000)] = 10  # the engine's default (TUNING_STEPS in IrisSegmentLib.inference.predictor)
+    fitSteps: Annotated[int, WithinRange(0, 1000)] = 0  # fitting each reference's embeddings to it before use (0: off)
     strategy: str = "one-shot"
     device: str = "auto"
     weights: str = ""  # empty: the bundled model
@@ -354,7 +355,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self) -> None:
         self._cancelOrStart(
             lambda sceneLogic, node: sceneLogic.start_segment(
-                node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch
+                node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch, node.fitSteps
             ),
             "segmentButton",
         )

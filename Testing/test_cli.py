@@ -16,7 +16,6 @@ from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path,
 from support import read_only_folder
 from IrisSegmentLib.cli import main
 from IrisSegmentLib.embeddings import TaskEmbedding
-from IrisSegmentLib.inference.predictor import TUNING_STEPS
 from IrisSegmentLib.io import read_image, read_label_map, write_image, write_label_map
 from IrisSegmentLib.model.weights import load_model
 from IrisSegmentLib.volume import Volume
@@ -152,13 +151,16 @@ def test_a_task_can_be_fitted_to_its_reference_when_encoded(capsys, tmp_path, fi
     fails(capsys, "encode", *reference, "--fit-reference", "-1", "--output", tmp_path / "x.safetensors", words=("steps",))
 
 
-def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file):
+def test_tune_writes_a_tuned_task(capsys, tmp_path, files, weights_file, monkeypatch):
+    from IrisSegmentLib.inference import predictor
+
+    monkeypatch.setattr(predictor, "TUNING_STEPS", 3)  # the engine's default, made quick to run
     task_path = tmp_path / "task.safetensors"
     ok(capsys, "encode", "--reference", files["image1"], files["labels1"], "--output", task_path, "--weights", weights_file)
     tuned_path = tmp_path / "tuned.safetensors"
     out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"],
              "--reference", files["image1"], files["labels1"], "--output", tuned_path, "--weights", weights_file)
-    assert f"over {TUNING_STEPS} steps" in out  # without --steps, the engine's default
+    assert "over 3 steps" in out  # without --steps, the engine's default
     out = ok(capsys, "tune", "--task", task_path, "--image", files["image3"], "--labels", files["labels3"], "--steps", 2,
              "--output", tmp_path / "tuned2.safetensors", "--weights", weights_file)
     assert "over 2 steps" in out

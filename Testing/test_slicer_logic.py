@@ -385,6 +385,21 @@ def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, log
         IrisSceneLogic(predictor=logic.predictor).save_task(tmp_path / "none.safetensors")
 
 
+def test_fitting_to_the_reference_is_part_of_the_task_and_of_its_reuse(head_neck, logic) -> None:
+    """The panel's "Fit to references": the fitted task is the one the output came from and that Tune
+    starts from; a segment with another number of fit steps never reuses the other's task."""
+    reference = Reference(head_neck.reference, head_neck.reference_segmentation)
+    _run(logic.start_segment(head_neck.target, [reference]))
+    plain = logic.task
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=2))
+    fitted = logic.task
+    assert fitted.class_names == plain.class_names and not torch.equal(fitted.tokens, plain.tokens)
+    _run(logic.start_segment(head_neck.target, [reference]))
+    assert torch.equal(logic.task.tokens, plain.tokens), "the unfitted task comes back from the cache, unchanged"
+    with pytest.raises(InputError, match="steps"):
+        _run(logic.start_segment(head_neck.target, [reference], fit_steps=-1))
+
+
 def test_task_file_from_the_command_line_pairs_with_references(head_neck, logic, tmp_path: Path) -> None:
     """A task the CLI encoded from a Slicer .seg.nrrd carries Slicer's default "Tissue" terminology on
     every segment that has no other; its classes must still pair, by name, with the panel's references."""

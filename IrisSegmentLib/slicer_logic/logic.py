@@ -201,12 +201,14 @@ class IrisSceneLogic:
         strategy: str = "one-shot",
         output=None,
         allow_modality_mismatch: bool = False,
+        fit_steps: int = 0,
     ) -> Job:
         """Segment `target` with the classes of `sources` (references and/or loaded task files).
 
         The result goes to a new segmentation node, or replaces the content of `output` (kept for Undo);
-        the job's result is that node. A task built earlier from the same sources and strategy is reused
-        as it is, including what Tune taught it.
+        the job's result is that node. A task built earlier from the same sources, strategy and
+        `fit_steps` is reused as it is, including what Tune taught it. With `fit_steps`, each
+        reference's embeddings are first fitted to the reference itself (IrisPredictor.fit_to_reference).
         """
         self._check_idle()
         if strategy not in STRATEGIES:
@@ -228,7 +230,7 @@ class IrisSceneLogic:
             labels = scene_bridge.labels_from_segmentation(
                 reference.segmentation, reference.volume, reference_image, reference.segment_ids, value_of, allow_empty=False
             )
-            digest = _digest(reference_image.array, reference_image.affine, labels.array, text=repr(sorted(labels.segments.items())))
+            digest = _digest(reference_image.array, reference_image.affine, labels.array, text=repr((sorted(labels.segments.items()), fit_steps)))
             pairs.append((reference_image, labels, digest))
         key = (strategy, tuple(digest for *_, digest in pairs), tuple(_digest(t.tokens.numpy()) for t in files))
         reused = self.task if key == self._task_key else None
@@ -244,7 +246,9 @@ class IrisSceneLogic:
             for n, (reference_image, labels, digest) in enumerate(pairs):
                 if digest not in cached and digest not in encoded:
                     step = scaled(progress, 0.3 * n / len(pairs), 0.3 * (n + 1) / len(pairs))
-                    encoded[digest] = predictor.encode_reference(reference_image, labels, progress=step, cancel=cancel)
+                    encoded[digest] = predictor.encode_reference(reference_image, labels, progress=scaled(step, 0.0, 0.2 if fit_steps else 1.0), cancel=cancel)
+                    if fit_steps:
+                        encoded[digest] = predictor.fit_to_reference(encoded[digest], reference_image, labels, fit_steps, scaled(step, 0.2, 1.0), cancel)
                 tasks.append(cached.get(digest) or encoded[digest])
             tasks += files
             if strategy == "retrieval":
