@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, WeightsError
+from .files import check_writable_folder
 from .segments import class_terminology
 from .model.serialization import load_tensors, save_tensors
 
@@ -158,6 +159,7 @@ class TaskEmbedding:
             "thresholds": json.dumps(self.thresholds),
             "keep_largest": json.dumps(self.keep_largest),
         }
+        check_writable_folder(Path(path), "task")
         try:
             save_tensors(path, {"tokens": self.tokens.float()}, meta)
         except OSError as exc:

@@ -555,3 +555,11 @@ def test_names_round_trip_through_a_written_color_table_into_an_ensemble(capsys,
     ok(capsys, "segment", "--reference", files["image1"], files["labels1"], "--reference", files["image3"], written,
        "--target", files["target"], "--output", output, "--weights", weights_file)
     check_output(output, files["target"], CLASS_NAMES)
+
+
+def test_the_command_lines_step_limit_is_the_engines():
+    """The CLI keeps its own copy (options are parsed without importing torch); it must not drift."""
+    from IrisSegmentLib import cli
+    from IrisSegmentLib.inference import predictor
+
+    assert cli.MAX_TUNING_STEPS == predictor.MAX_TUNING_STEPS

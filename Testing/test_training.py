@@ -116,9 +116,16 @@ def test_agnostic_episodes_survive_more_regions_than_int16_holds(data_root: Path
     sampler = EpisodeSampler(load_all(data_root, 128), PATCH, mix={"agnostic": 1.0}, identical=1.0)
     for seed in range(6):
         ep = sampler.sample(np.random.default_rng(seed))
-        assert torch.equal(ep.reference_masks, ep.query_masks)
+        assert torch.equal(ep.reference_masks, ep.query_masks), "self-segmentation: the query is the reference's own crop"
         assert (ep.reference_masks.flatten(2).sum(-1) >= MIN_REFERENCE_VOXELS).all()
         assert ep.reference_masks.sum(1).max() <= 1, "each voxel is in one region at most"
+
+
+def test_invented_self_segmentation_episodes_ask_for_the_references_own_masks(data_root: Path) -> None:
+    sampler = EpisodeSampler(load_all(data_root, 128), PATCH, mix={"invented": 1.0}, identical=1.0)
+    for seed in range(6):
+        ep = sampler.sample(np.random.default_rng(seed))
+        assert torch.equal(ep.reference_masks, ep.query_masks)
 
 
 def test_invented_label_maps_keep_every_class_and_often_small_ones() -> None:
@@ -238,10 +245,11 @@ def test_a_run_resumes_from_the_committed_float16_state_alone(data_root: Path, t
     tensors, _ = load_tensors(run / state["weights"])
     assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
     (run / "last.pt").unlink()
-    train_main(common)
-    assert json.loads((run / "resume.json").read_text())["step"] == 3
+    train_main([*common[:-2], "--output", str(run), "--steps", "4"])  # a longer schedule than recorded: said, not silent
+    assert json.loads((run / "resume.json").read_text())["step"] == 4
     log = (run / "train.log").read_text()
     assert "resumed at step 1 from resume.safetensors" in log
+    assert "where the run recorded" in log
     assert "step 1 " not in log.split("resumed at step 1")[1], "the resumed run goes on after step 1, it does not redo it"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ from .islands import drop_islands
 from .retrieval import ReferencePool
 from .views import augmented_views
 
-Progress = Callable[[float, str], None] | None
-Cancel = Callable[[], bool] | None
+Progress = Optional[Callable[[float, str], None]]  # Optional, not "| None": a runtime alias, evaluated on Python 3.9 too
+Cancel = Optional[Callable[[], bool]]
 COLLAPSE = 0.05  # Dice a tuned class may lose on the task's own references before it is kept untuned
 TUNING_VIEWS = 2  # fresh augmented views of the corrected scan per tuning step (inference/views.py)
 TUNING_STEPS = 10  # optimiser steps of Tune; why 10 and not more: IrisPredictor.tune
@@ -200,22 +200,15 @@ class IrisPredictor:
         return list(dict.fromkeys(values))
 
     def _class_masks(self, labels: Volume, values: list[int], grid: Grid, segments: dict[int, dict]) -> torch.Tensor:
-        """Binary masks (K, *grid) of the chosen classes on the working grid.
-
-        Nearest-neighbour labels; a structure thinner than a working voxel that vanishes that way is
-        taken from its linearly resampled mask instead, so no chosen class is silently lost."""
-        source = torch.from_numpy(labels.array.astype(np.int32))[None].to(self.device)
-        nearest = resample(source, labels.affine, grid, mode="nearest")[0].round().long()
-        masks = torch.stack([(nearest == v).float() for v in values])
+        """Binary masks (K, *grid) of the chosen classes on the working grid (`_truth_on_grid`); a chosen
+        class with no voxel there lies outside the grid, which is an error, not a silent loss."""
+        masks = self._truth_on_grid(labels, grid, values)
         for k, v in enumerate(values):
             if masks[k].sum() == 0:
-                soft = resample((source == v).float(), labels.affine, grid)[0]
-                if soft.max() <= 0:
-                    raise InputError(
-                        f"class {segments[v]['name']!r} lies outside the {self.config.working_size}-voxel reference crop around the chosen classes: "
-                        "encode classes that lie far apart from separate references."
-                    )
-                masks[k] = (soft >= 0.5 * soft.max()).float()
+                raise InputError(
+                    f"class {segments[v]['name']!r} lies outside the {self.config.working_size}-voxel reference crop around the chosen classes: "
+                    "encode classes that lie far apart from separate references."
+                )
         return masks
 
     # ------------------------------------------------------------------ targets
@@ -289,9 +282,20 @@ class IrisPredictor:
         return [(row, value_of[key]) for row, key in enumerate(task.class_keys()) if key in value_of]
 
     def _truth_on_grid(self, labels: Volume, grid: Grid, values: list[int]) -> torch.Tensor:
-        """Binary masks (K, *grid) of `values` in a label map, resampled (nearest) to a working grid."""
-        nearest = resample(torch.from_numpy(labels.array.astype(np.int32))[None].to(self.device), labels.affine, grid, mode="nearest")[0].round()
-        return torch.stack([(nearest == v).float() for v in values])
+        """Binary masks (K, *grid) of `values` in a label map on a working grid.
+
+        Nearest-neighbour labels; a structure thinner than a working voxel that vanishes that way is
+        taken from its linearly resampled mask instead, so it is neither lost when encoding nor taught
+        as absent when tuning or fitting. A value the label map does not hold stays empty."""
+        source = torch.from_numpy(labels.array.astype(np.int32))[None].to(self.device)
+        nearest = resample(source, labels.affine, grid, mode="nearest")[0].round().long()
+        masks = torch.stack([(nearest == v).float() for v in values])
+        for k, v in enumerate(values):
+            if masks[k].sum() == 0:
+                soft = resample((source == v).float(), labels.affine, grid)[0]
+                if soft.max() > 0:
+                    masks[k] = (soft >= 0.5 * soft.max()).float()
+        return masks
 
     def _normalized(self, image: Volume, modality: str) -> torch.Tensor:
         return torch.from_numpy(normalize(_in_float32_range(image.array, modality), modality))[None].to(self.device)
@@ -491,7 +495,8 @@ class IrisPredictor:
         strategies). Unlike Tune no augmented views and no joining: the encoder features of the
         reference are computed once and every step is one decoder pass, so the fit takes seconds."""
         rate = REFERENCE_FIT_RATE * float(task.tokens.float().pow(2).mean().sqrt())
-        return self.tune(task, image, labels, steps=steps, learning_rate=rate, progress=progress, cancel=cancel, views=0, join_context=False)
+        fitted = self.tune(task, image, labels, steps=steps, learning_rate=rate, progress=progress, cancel=cancel, views=0, join_context=False)
+        return replace(fitted, sources=[*task.sources, f"fitted to its reference {labels.name or ''} ({steps} steps)".replace("  ", " ")])
 
     def join(
         self, task: TaskEmbedding, image: Volume, corrected: Volume, references: list[tuple[Volume, Volume]] = (),

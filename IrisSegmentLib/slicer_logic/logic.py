@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..device import describe
+from ..device import OutOfMemoryError, describe
 from ..embeddings import TaskEmbedding, class_key
 from ..errors import DeviceError, InputError
 from ..inference.predictor import IrisPredictor, scaled
@@ -26,9 +26,6 @@ from .worker import CancelRequested, Job, Progress, Worker
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval")
 UNDO_DEPTH = 5  # results kept for Undo; each is a copy of one segmentation
-# torch.OutOfMemoryError is new in torch 2.5; Slicer on macOS (x86_64) gets torch 2.2 at most, which has
-# only the CUDA one (the same class where both exist).
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -86,7 +83,7 @@ def _device_errors(work: Callable[[Progress, CancelRequested], object]) -> Calla
     def guarded(progress: Progress, cancel: CancelRequested) -> object:
         try:
             return work(progress, cancel)
-        except OUT_OF_MEMORY:
+        except OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise DeviceError("the GPU ran out of memory: close other programs using the GPU, or choose the CPU (Model > Device) and run again.") from None
@@ -370,12 +367,7 @@ class IrisSceneLogic:
         if self.task is None:
             raise InputError("There is no task to save yet: segment (and tune) first.")
         path = Path(path)
-        if not path.parent.is_dir():
-            raise InputError(f"cannot write {path}: the folder {path.parent} does not exist.")
-        try:
-            self.task.save(path)
-        except OSError as exc:
-            raise InputError(f"could not write {path}: {exc.strerror or exc}. Choose a folder you can write to.") from None
+        self.task.save(path)  # an unwritable or missing folder is an InputError that says so
         return path
 
     @staticmethod

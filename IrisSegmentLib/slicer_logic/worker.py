@@ -94,9 +94,9 @@ class Job(Generic[Value, Outcome]):
     def tick(self, wait: float = COLLECT_WAIT_SECONDS) -> tuple[list[tuple[float, str]], bool]:
         """One timer tick of the panel's collector: wait on the job (the worker runs meanwhile), then
         the progress updates since the last tick and whether the job has ended (applied, as `poll`)."""
-        self.wait(wait)
+        ended = self.wait(wait)  # read before draining: what the worker posted before it ended is shown too
         updates = self.progress()
-        return updates, self.poll()
+        return updates, self.poll() if ended else False
 
     def poll(self) -> bool:
         """True once the job has ended; its outcome is then applied (once) and `result()` returns at once."""

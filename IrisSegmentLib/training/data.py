@@ -252,13 +252,17 @@ class EpisodeSampler:
         ref_case = Case("invented", "", None, torch.from_numpy(base)[None], grid.affine, 1.0, {})
         query_case = Case("invented", "", None, torch.from_numpy(query_base)[None], grid.affine, 1.0, {})
         _, ref_lab = self._crop(ref_case, rng.normal(0, jitter, 3), rng.uniform(0.9, 1.1), rng)
-        _, query_lab = self._crop(query_case, rng.normal(0, jitter, 3), rng.uniform(0.9, 1.1), rng)
+        if query_base is base:  # self-segmentation: the reference's own crop
+            query_lab = ref_lab
+        else:
+            _, query_lab = self._crop(query_case, rng.normal(0, jitter, 3), rng.uniform(0.9, 1.1), rng)
         values = torch.arange(1, classes + 1, dtype=torch.int16)[:, None, None, None]
         ref_masks, query_masks, _ = self._visible((ref_lab == values).float(), (query_lab == values).float())
         if ref_masks is None:
             return None
         table = self.synthesizer.draw_table(rng)
         ref_img = self.synthesizer(ref_lab, table, rng)
+        # self-segmentation sees the very same image half the time, a second synthetic imaging otherwise
         query_img = ref_img.clone() if query_base is base and rng.random() < 0.5 else self.synthesizer(query_lab, table, rng)
         return self._episode(ref_img, ref_masks, query_img, query_masks, [None] * len(ref_masks), rng)
 

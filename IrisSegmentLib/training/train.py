@@ -181,6 +181,8 @@ def resume(model: IrisModel, optimizer: torch.optim.Optimizer, config: IrisConfi
     """Step and hours already trained, after loading what the run folder holds (see the module
     docstring), or `--init` weights for a new run; (0, 0.0) for a run from scratch."""
     full, light = args.output / "last.pt", args.output / "resume.json"
+    if args.init and (full.exists() or light.exists()):
+        log.info("--init %s not used: the run folder's resume state goes on", args.init)
     if full.exists():
         ckpt = torch.load(full, map_location=device, weights_only=True)
         if ckpt["config"] != config.to_json():
@@ -191,16 +193,28 @@ def resume(model: IrisModel, optimizer: torch.optim.Optimizer, config: IrisConfi
         return ckpt["step"], ckpt["hours"]
     if light.exists():
         state = json.loads(light.read_text())
+        if state["schedule"] != _schedule(args):  # a choice (a longer run, a cool-down), but never a silent one
+            log.warning("resuming with %s where the run recorded %s: the learning rate follows the new schedule", _schedule(args), state["schedule"])
         tensors, meta = load_tensors(args.output / state["weights"])
         if meta.get("config") != config.to_json():
             raise SystemExit(f"{light} was trained with other settings or data; use a new --output folder")
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in tensors.items()})
-        log.info("resumed at step %d from %s (float16 weights, fresh optimizer)", state["step"], state["weights"])
-        return state["step"], state["hours"]
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+        # The weights' own provenance says which step they are (resume.json could be a step behind if a
+        # run died between writing the two files).
+        made = json.loads(meta.get("provenance", "{}"))
+        step, hours = made.get("steps", state["step"]), made.get("train_hours", state["hours"])
+        log.info("resumed at step %d from %s (float16 weights, fresh optimizer)", step, state["weights"])
+        return step, hours
     if args.init:
         init_from(model, load_model(args.init, device="cpu"))
         log.info("new run initialised from %s", args.init)
     return 0, 0.0
+
+
+def _schedule(args: argparse.Namespace) -> dict:
+    """What a resumed run must repeat to go on where it stopped: the schedule and the episode stream."""
+    return {"lr": args.lr, "warmup": args.warmup, "steps": args.steps, "seed": args.seed}
 
 
 def init_from(model: IrisModel, source: IrisModel) -> None:
@@ -244,8 +258,7 @@ def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, co
     save_model(model, weights, provenance)
     shutil.copyfile(weights, args.output / "resume.safetensors.part")
     os.replace(args.output / "resume.safetensors.part", args.output / "resume.safetensors")
-    schedule = {"lr": args.lr, "warmup": args.warmup, "steps": args.steps, "seed": args.seed}
-    resume_state = {"step": step, "hours": round(hours, 4), "weights": "resume.safetensors", "schedule": schedule,
+    resume_state = {"step": step, "hours": round(hours, 4), "weights": "resume.safetensors", "schedule": _schedule(args),
                     "note": "resume with the same --steps/--lr/--warmup/--seed; the optimizer restarts fresh from these weights"}
     (args.output / "resume.json.part").write_text(json.dumps(resume_state, indent=1) + "\n")
     os.replace(args.output / "resume.json.part", args.output / "resume.json")
