@@ -33,7 +33,7 @@ from IrisSegmentLib.model.config import IrisConfig  # noqa: E402
 from IrisSegmentLib.model.iris import IrisModel  # noqa: E402
 from IrisSegmentLib.model.weights import save_model  # noqa: E402
 from IrisSegmentLib.slicer_logic import IrisSceneLogic, Reference, scene_bridge  # noqa: E402
-from IrisSegmentLib.slicer_logic.logic import OUT_OF_MEMORY  # noqa: E402
+from IrisSegmentLib.device import OutOfMemoryError  # noqa: E402
 from support import DATA, needs_paths, require_paths  # noqa: E402
 
 HEAD_NECK = DATA / "HeadNeck_CT"
@@ -608,7 +608,7 @@ def test_cuda_requested_without_a_gpu(head_neck, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "failure, message",
     [
-        (OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU ran out of memory"),  # whichever class this torch has
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU ran out of memory"),  # whichever class this torch has
         (RuntimeError("CUDA error: no kernel image is available for execution on the device"), "reinstall torch"),
     ],
 )

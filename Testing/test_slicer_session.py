@@ -196,7 +196,7 @@ def test_the_out_of_memory_error_comes_from_what_torch_has() -> None:
         import torch
         del torch.OutOfMemoryError
         from IrisSegmentLib.slicer_logic import logic
-        print(logic.OUT_OF_MEMORY is torch.cuda.OutOfMemoryError)
+        print(logic.OutOfMemoryError is torch.cuda.OutOfMemoryError)
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr[-3000:]
