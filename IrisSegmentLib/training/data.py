@@ -10,8 +10,9 @@ Three kinds of episode (`TASK_MIX`): labelled (a set's named classes, sometimes 
 merged), invented (random label maps, `tasks.random_label_map`) and agnostic (nameless regions of a
 real scan, `tasks.agnostic_regions`). Only labelled episodes carry class names (and feed the memory
 bank); in the other two the reference is the only thing that says what to segment.
-Whole sets (`unseen_sets`) and classes (`unseen_classes`) of Resources/splits.json are never
-trained on: they are the generalization benchmark's.
+Whole sets (`unseen_sets` of Resources/splits.json) are never trained on, and classes
+(`unseen_classes`) never asked for by name (an agnostic region may still cover part of one): they are
+the generalization benchmark's.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def load_split(path: Path = SPLIT_FILE) -> dict[str, list[str]]:
 
 
 def load_unseen(path: Path = SPLIT_FILE) -> tuple[set[str], set[str]]:
-    """Whole sets and class names never trained on (the generalization benchmark's)."""
+    """Whole sets never trained on, and class names never asked for (the generalization benchmark's).
+    An unseen class of a trained set can still fall inside a nameless agnostic region."""
     meta = json.loads(path.read_text()) if path.exists() else {}
     return set(meta.get("unseen_sets", [])), {c.lower() for c in meta.get("unseen_classes", [])}
 
