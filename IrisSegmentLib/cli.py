@@ -99,7 +99,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _sidecar(path: Path) -> Path | None:
     """The .ctbl color table that belongs to a NIfTI or NRRD label map (written with it, read with it)."""
-    from .io.sidecars import color_table_path
+    from .files import color_table_path
 
     suffix = next((s for s in LABEL_SUFFIXES if path.name.lower().endswith(s) and len(path.name) > len(s)), None)
     return None if suffix is None or path.name.lower().endswith(".seg.nrrd") else color_table_path(path, suffix)

@@ -29,6 +29,11 @@ def file_stem(path: Path, suffix: str) -> str:
     return path.name[: -len(suffix)]
 
 
+def color_table_path(label_map: Path, suffix: str) -> Path:
+    """`<stem>.ctbl` beside a NIfTI/NRRD label map ("case.nii.gz" -> "case.ctbl"): the sidecar that holds its names."""
+    return label_map.with_name(file_stem(label_map, suffix) + ".ctbl")
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

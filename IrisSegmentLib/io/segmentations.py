@@ -15,9 +15,9 @@ from slicerio.segmentation import terminology_entry_from_string, terminology_ent
 from ..errors import InputError
 from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
-from ..files import file_format, file_stem, reading, staged_write
+from ..files import color_table_path, file_format, file_stem, reading, staged_write
 from .images import LPS_TO_RAS, check_nrrd_size, read_voxels, write_voxels
-from .sidecars import color_table_path, dataset_label_names, read_color_table, write_color_table
+from .sidecars import dataset_label_names, read_color_table, write_color_table
 
 READ_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr")
 WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")

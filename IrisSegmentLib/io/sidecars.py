@@ -9,15 +9,9 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import file_stem
 
 # Comment line of a .ctbl written by IrisSegment holding the exact segment names (JSON, label value -> name).
 NAMES_COMMENT = "# IrisSegment names: "
-
-
-def color_table_path(label_map: Path, suffix: str) -> Path:
-    """`<stem>.ctbl` beside the label map: "case.nii.gz" -> "case.ctbl"."""
-    return label_map.with_name(file_stem(label_map, suffix) + ".ctbl")
 
 
 def read_color_table(path: Path) -> dict[int, dict]:

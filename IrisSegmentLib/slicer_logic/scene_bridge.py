@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from ..errors import InputError
-from ..files import staged_write
+from ..files import color_table_path, staged_write
 from ..segments import class_terminology, label_dtype
 from ..volume import Volume
 
@@ -288,7 +288,7 @@ def export_paths(path: str | Path) -> list[Path]:
     suffix = _file_kind(path)
     if suffix == SEGMENTATION_SUFFIX:
         return [path]
-    return [path, path.with_name(path.name[: -len(suffix)] + ".ctbl")]
+    return [path, color_table_path(path, suffix)]
 
 
 def export_file(node, reference_node, path: str | Path, overwrite: bool = False) -> list[Path]:
