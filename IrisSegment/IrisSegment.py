@@ -8,7 +8,9 @@ run. Nothing heavy is imported here: IrisSegmentLib's torch-using logic and torc
 PyTorch extension provides torch; exporting and the sample data need neither.
 
 Every user action ends in a status line or a message box, never in a bare traceback: errors the user can
-act on (IrisError) are shown as they are, anything else as "Unexpected error" with the details logged.
+act on (IrisError) are shown as they are, anything else as a failure with the details logged. How errors
+and the PyTorch install become messages lives in IrisSegmentLib.slicer_logic.dialogs, which tests run
+without Qt.
 """
 import logging
 import os
@@ -476,19 +478,11 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ undo, task files, export
     @staticmethod
     def _guarded(action, what: str):
-        """Run `action`; every error ends in a message box, never a bare traceback: IrisError (input the
-        user can fix) as it is, anything else as unexpected, with the details in the Python console.
-        Returns the action's value, or None when it failed."""
-        from IrisSegmentLib.errors import IrisError
+        """Run `action`; every error ends in a message box, never a bare traceback (IrisError as it is,
+        anything else with the details in the Python console). Returns the action's value, or None."""
+        from IrisSegmentLib.slicer_logic.dialogs import guarded
 
-        try:
-            return action()
-        except IrisError as exc:
-            slicer.util.errorDisplay(str(exc))
-        except Exception as exc:  # noqa: BLE001 - the user gets a message, the console the traceback
-            logging.exception("IrisSegment: %s failed", what)
-            slicer.util.errorDisplay(_("{what} failed: {error}. Details are in the Python console.").format(what=what, error=exc or type(exc).__name__))
-        return None
+        return guarded(action, what, slicer.util.errorDisplay)
 
     def _runAction(self, action, what: str) -> None:
         """Quick main-thread actions: the status line says what was done, or a message box why not."""
@@ -615,57 +609,17 @@ class IrisSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _torchReady() -> bool:
-        """torch through the PyTorch extension only: it picks the CUDA build that matches the driver.
-        Every way this can fail ends in a message (PyTorchUtils' install raises on a failed download)."""
+        """torch through the PyTorch extension only, installed with the user's consent; every way this can
+        fail ends in a message (IrisSegmentLib.slicer_logic.dialogs.ensure_torch)."""
+        from IrisSegmentLib.slicer_logic.dialogs import ensure_torch
+
         try:
             import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay(_("IrisSegment needs the PyTorch extension: install 'PyTorch' in the Extensions Manager, then restart Slicer."))
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            question = _(
-                "IrisSegment needs PyTorch, which is not installed. Download and install it now? "
-                "This takes a few minutes and 1-3 GB; the build matching your GPU driver is chosen automatically."
-            )
-            if not slicer.util.confirmOkCancelDisplay(question):
-                return False
-            failure = _(
-                "PyTorch could not be installed ({error}). Check the internet connection and the free disk space, then try "
-                "again; or install it in the PyTorch Utils module (restart Slicer first if an earlier attempt failed). "
-                "Details are in the Python console."
-            )
-            try:
-                with slicer.util.WaitCursor():
-                    installed = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-            except Exception as exc:  # noqa: BLE001 - pip/light-the-torch errors: a message, not a traceback
-                logging.exception("IrisSegment: installing PyTorch failed")
-                slicer.util.errorDisplay(failure.format(error=exc or type(exc).__name__))
-                return False
-            if installed is None:
-                return False
-            if not torchLogic.torchInstalled():
-                slicer.util.errorDisplay(failure.format(error=_("torch is still not importable")))
-                return False
-        try:
-            import torch
-            from packaging.version import Version
 
-            version = Version(torch.__version__.split("+")[0])
-        except Exception as exc:  # noqa: BLE001 - a broken install: say so
-            logging.exception("IrisSegment: importing PyTorch failed")
-            slicer.util.errorDisplay(
-                _("PyTorch is installed but cannot be loaded ({error}): in the PyTorch Utils module Uninstall, restart Slicer, "
-                  "Install.").format(error=exc)
-            )
-            return False
-        if version < Version(TORCH_REQUIREMENT.lstrip(">=")):
-            slicer.util.errorDisplay(
-                _("PyTorch {version} is too old for IrisSegment (needs {requirement}): update it in the PyTorch Utils module "
-                  "(Uninstall, restart Slicer, Install).").format(version=torch.__version__, requirement=TORCH_REQUIREMENT)
-            )
-            return False
-        return True
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        except ModuleNotFoundError:
+            torchLogic = None
+        return ensure_torch(torchLogic, slicer.util.confirmOkCancelDisplay, slicer.util.errorDisplay, TORCH_REQUIREMENT, busy=slicer.util.WaitCursor)
 
 
 class IrisSegmentTest(ScriptedLoadableModuleTest):

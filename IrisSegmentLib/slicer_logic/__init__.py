@@ -3,8 +3,9 @@
 Imports `slicer`, `vtk` and torch, never `qt`, `ctk` or `ScriptedLoadableModule`, so it runs in the
 desktop app and in tests on a slicer-core scene alike. The module file imports the torch-using part
 (`logic`) only once torch is installed (the PyTorch extension may install it after Slicer starts);
-`scene_bridge`, `export`, `sample_data` and `worker` import no torch, so exporting a result or loading
-the sample data never asks for PyTorch. The names below load `logic` on first use.
+`scene_bridge`, `sample_data`, `worker` and `dialogs` (the panel's error messages and PyTorch
+install) import no torch at import time, so exporting a result or loading the sample data never asks for
+PyTorch. The names below load `logic` on first use.
 """
 from __future__ import annotations
 
