@@ -265,9 +265,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
     bar = _progress_bar("segmenting")
     try:
         if strategy == "retrieval":
-            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k or 1, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
+            result = predictor.segment_with_retrieval(target, task_or_pool, top_k=args.top_k or 1, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch,
+                                                      refine=not args.no_refine)
         else:
-            result = predictor.segment(target, task_or_pool, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch)
+            result = predictor.segment(target, task_or_pool, progress=bar, allow_modality_mismatch=args.allow_modality_mismatch, refine=not args.no_refine)
     except ModalityMismatch as exc:
         raise _modality_mismatch(exc) from None
     finally:
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--strategy", choices=STRATEGIES, help="default: one-shot for one reference, ensemble for several")
     seg.add_argument("--top-k", type=_whole_number(1, what="a number of references"), help="retrieval: references averaged per class (default 1)")
     seg.add_argument("--allow-modality-mismatch", action="store_true", help="segment even if reference and target modality differ")
+    seg.add_argument("--no-refine", action="store_true",
+                     help="skip the second pass that segments thin structures again at half the working spacing (faster; "
+                          "benchmarks/results/refinement_shipped.md has what it gains)")
     model_options(seg)
     seg.set_defaults(func=cmd_segment)
 

@@ -58,6 +58,10 @@ class TaskEmbedding:
     counts: list[int] = field(default_factory=list)   # references averaged into each class
     thresholds: list[float] = field(default_factory=list)  # per class; 0.5 unless calibrated on references
     keep_largest: list[bool] = field(default_factory=list)  # per class; False (keep every piece) unless calibrated
+    # The second, finer pass for small classes (IrisPredictor's refinement): per class the (T, D) tokens of the
+    # class seen in a crop around it at `fine_spacings` mm; a spacing of 0 means the class has no finer pass.
+    fine_tokens: torch.Tensor | None = None
+    fine_spacings: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.tokens.shape[0] != len(self.label_values):
@@ -72,6 +76,16 @@ class TaskEmbedding:
             self.keep_largest = [False] * len(self.label_values)
         if len(self.keep_largest) != len(self.label_values) or not all(isinstance(f, bool) for f in self.keep_largest):
             raise ValueError("keep_largest must hold one true/false flag per label value")
+        if self.fine_tokens is None:
+            self.fine_tokens = torch.zeros_like(self.tokens)
+            self.fine_spacings = [0.0] * len(self.label_values)
+        if self.fine_tokens.shape != self.tokens.shape or len(self.fine_spacings) != len(self.label_values) or min(self.fine_spacings, default=0) < 0:
+            raise ValueError("fine_tokens must match tokens and fine_spacings hold one spacing (0: none) per label value")
+
+    @property
+    def refined(self) -> list[int]:
+        """Rows of the classes that have a finer second pass."""
+        return [row for row, spacing in enumerate(self.fine_spacings) if spacing > 0]
 
     @property
     def class_names(self) -> list[str]:
@@ -90,7 +104,8 @@ class TaskEmbedding:
         values = [self.label_values[i] for i in rows]
         return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments},
                        counts=[self.counts[i] for i in rows], thresholds=[self.thresholds[i] for i in rows],
-                       keep_largest=[self.keep_largest[i] for i in rows])
+                       keep_largest=[self.keep_largest[i] for i in rows], fine_tokens=self.fine_tokens[rows],
+                       fine_spacings=[self.fine_spacings[i] for i in rows])
 
     def class_keys(self) -> list[str]:
         return class_keys(self.label_values, self.segments)
@@ -125,12 +140,16 @@ class TaskEmbedding:
                     order.append(key)
                     found[key] = []
                 found[key].append((t, row))
-        tokens, values, segments, counts, thresholds, keep_largest = [], [], {}, [], [], []
+        tokens, values, segments, counts, thresholds, keep_largest, fine_tokens, fine_spacings = [], [], {}, [], [], [], [], []
         for key in order:
             members = found[key]
             weights = torch.tensor([float(t.counts[r]) for t, r in members])
             stacked = torch.stack([t.tokens[r] for t, r in members])
             tokens.append((stacked * weights[:, None, None]).sum(0) / weights.sum())
+            fine = [(t, r) for t, r in members if t.fine_spacings[r] > 0]  # a finer pass if any reference saw the class small
+            fine_weights = torch.tensor([float(t.counts[r]) for t, r in fine])
+            fine_tokens.append((torch.stack([t.fine_tokens[r] for t, r in fine]) * fine_weights[:, None, None]).sum(0) / fine_weights.sum() if fine else torch.zeros_like(tokens[-1]))
+            fine_spacings.append(float(torch.tensor([t.fine_spacings[r] for t, r in fine]).median()) if fine else 0.0)
             share = weights / weights.sum()
             thresholds.append(float(torch.tensor([t.thresholds[r] for t, r in members]) @ share))
             keep_largest.append(bool(torch.tensor([float(t.keep_largest[r]) for t, r in members]) @ share > 0.5))
@@ -143,7 +162,10 @@ class TaskEmbedding:
             counts.append(int(weights.sum()))
         spacing = float(torch.tensor([t.spacing for t in tasks]).median())
         sources = [s for t in tasks for s in t.sources]
-        return TaskEmbedding(torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds, keep_largest)
+        return TaskEmbedding(
+            torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds, keep_largest,
+            torch.stack(fine_tokens), fine_spacings,
+        )
 
     def save(self, path: str | Path) -> None:
         meta = {
@@ -158,10 +180,11 @@ class TaskEmbedding:
             "counts": json.dumps(self.counts),
             "thresholds": json.dumps(self.thresholds),
             "keep_largest": json.dumps(self.keep_largest),
+            "fine_spacings": json.dumps(self.fine_spacings),
         }
         check_writable_folder(Path(path), "task")
         try:
-            save_tensors(path, {"tokens": self.tokens.float()}, meta)
+            save_tensors(path, {"tokens": self.tokens.float(), "fine_tokens": self.fine_tokens.float()}, meta)
         except OSError as exc:
             raise InputError(f"could not write {path} ({exc.strerror or exc}); nothing was written. Choose a folder you can write to.") from None
 
@@ -181,9 +204,11 @@ class TaskEmbedding:
                 float(meta["spacing"]), meta["model_id"], list(json.loads(meta["sources"])), [int(c) for c in json.loads(meta["counts"])],
                 [float(t) for t in json.loads(meta.get("thresholds", "[]"))],  # files written before calibration: 0.5
                 list(json.loads(meta.get("keep_largest", "[]"))),  # files written before island removal: keep every piece
+                tensors["fine_tokens"].float() if "fine_tokens" in tensors else None,  # files written before refinement: none
+                [float(s) for s in json.loads(meta.get("fine_spacings", "[]"))],
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None
-        if not torch.isfinite(task.tokens).all():
+        if not (torch.isfinite(task.tokens).all() and torch.isfinite(task.fine_tokens).all()):
             raise WeightsError(f"{path}: the task embeddings hold NaN or infinite values; the file is corrupt.")
         return task

@@ -2,10 +2,12 @@
 
 Modelled on segment-anything's predictor: the expensive, reusable part (a reference's task
 embedding) is computed once and cached by the caller; every target costs one encoder and one
-decoder pass per window, for all classes at once.
+decoder pass per window, for all classes at once, and one more per crop of the second pass for thin
+classes.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Optional
@@ -19,7 +21,7 @@ from ..errors import Cancelled, DeviceError, InputError, ModalityMismatch
 from ..model.iris import IrisModel
 from ..model.loss import dice_bce_loss
 from ..model.weights import model_id_of
-from ..preprocessing.grid import Grid, covering_grid, crop_grid, fit_spacing, labels_on_grid, resample
+from ..preprocessing.grid import Grid, Overlay, aligned_grid, box_world_bounds, covering_grid, crop_grid, fit_spacing, labels_on_grid, resample
 from ..preprocessing.intensity import foreground_box, normalize, resolve_modality
 from ..preprocessing.windows import gaussian_weight, windows
 from ..segments import complete_segments, label_dtype, present_labels
@@ -39,6 +41,14 @@ REFERENCE_FIT_RATE = 0.1  # their step size, as a share of the embeddings' RMS (
 MAX_TUNING_STEPS = 1000  # beyond this a tune runs for hours and, by the measurements in IrisPredictor.tune, fits one patient only
 MEMORY_MIN_SCALE = 0.25  # a memory-bank row below this share of a well-trained row's norm is refused (memory_bank_task)
 INTENSITY_LIMIT = 2.0**40  # MR intensities beyond this are rescaled before normalising (IrisPredictor._normalized)
+# The second pass for small classes (IrisPredictor._fine_crops): a class at most THIN_CLASS working voxels thick along
+# some axis is seen again at 1/REFINE_FACTOR of the working spacing, in a crop of its own with REFINE_MARGIN fine
+# voxels around it, each side REFINE_MIN_SIDE to REFINE_MAX_SIDE voxels (the training crops are 64 a side).
+THIN_CLASS = 16
+REFINE_FACTOR = 2.0
+REFINE_MARGIN = 8
+REFINE_MIN_SIDE = 64
+REFINE_MAX_SIDE = 128
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:
@@ -91,7 +101,8 @@ class IrisPredictor:
         cancel: Cancel = None,
         skip_small: bool = False,
     ) -> TaskEmbedding:
-        """All chosen classes of one reference -> one task embedding (one encoder pass).
+        """All chosen classes of one reference -> one task embedding (one encoder pass, and one per crop
+        around its thin classes for the second pass: `_encode_fine`).
 
         A class must cover at least `min_class_voxels` voxels of the working grid: the volume of one
         voxel of the encoder's finest feature map. A smaller one (a stray click, a single marked voxel)
@@ -134,7 +145,8 @@ class IrisPredictor:
         center_index = (idx.min(0) + idx.max(0)) / 2
         center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
         grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
-        pixels = resample(self._normalized(image, modality), image.affine, grid)
+        normalized = self._normalized(image, modality)
+        pixels = resample(normalized, image.affine, grid)
         masks = self._class_masks(labels, values, grid, segments)
         if check_size == "skip":
             keep = [size >= self.min_class_voxels for size in masks.flatten(1).sum(1).tolist()]
@@ -151,11 +163,92 @@ class IrisPredictor:
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
             tokens = self.model.encode_task(pixels[None], masks[None])[0]
+        _report(progress, 0.7, "encoding small classes at a finer spacing")
+        fine_tokens, fine_spacings = self._encode_fine(normalized, image, labels, values, masks, grid, cancel)
         self.references_encoded += 1
         _report(progress, 1.0, "reference encoded")
         return TaskEmbedding(
-            tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id, [labels.name or image.name or "reference"]
+            tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id,
+            [labels.name or image.name or "reference"], fine_tokens=fine_tokens, fine_spacings=fine_spacings,
         )
+
+    def _encode_fine(
+        self, normalized: torch.Tensor, image: Volume, labels: Volume, values: list[int], masks: torch.Tensor, grid: Grid, cancel: Cancel,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Each thin class of the reference encoded again in a crop around it at a finer spacing (classes
+        close together share a crop): the tokens the second pass of `segment` uses. A class that is not
+        thin, or a reference whose own voxels are no finer than the working grid's, gets none (spacing 0)."""
+        spacings = [0.0] * len(values)
+        fine_tokens = torch.zeros((len(values), self.config.tokens_per_class, self.config.token_dim))
+        spacing = self._fine_spacing(image, float(grid.spacing[0]))
+        if not spacing:
+            return fine_tokens, spacings
+        boxes = {row: box for row, box in enumerate(_world_boxes(masks, grid)) if box is not None and self._thin(box, float(grid.spacing[0]))}
+        for crop, rows in self._fine_crops(boxes, spacing):
+            _check_cancel(cancel)
+            truth = self._truth_on_grid(labels, crop, [values[r] for r in rows])
+            with torch.no_grad(), _device_memory():
+                tokens = self.model.encode_task(resample(normalized, image.affine, crop)[None], truth[None])[0]
+            for n, row in enumerate(rows):
+                fine_tokens[row], spacings[row] = tokens[n].float().cpu(), spacing
+        return fine_tokens, spacings
+
+    @staticmethod
+    def _fine_spacing(volume: Volume, spacing: float) -> float:
+        """The second pass's spacing: 1/REFINE_FACTOR of the working spacing, never finer than 3/4 of the
+        volume's finest voxel; 0 when that is not finer than the working spacing by a fifth at least."""
+        fine = max(spacing / REFINE_FACTOR, 0.75 * float(volume.spacing.min()))
+        return fine if fine <= 0.8 * spacing else 0.0
+
+    @staticmethod
+    def _thin(box: tuple[np.ndarray, np.ndarray], spacing: float) -> bool:
+        """A class whose box is at most THIN_CLASS working voxels along some axis: a few voxels across."""
+        return float((box[1] - box[0]).min()) <= THIN_CLASS * spacing
+
+    def _task_crops(self, task: TaskEmbedding, boxes: dict[int, tuple[np.ndarray, np.ndarray] | None]) -> list[tuple[Grid, list[int]]]:
+        """The second pass's crops (`_fine_crops`, per fine spacing) around `boxes`, the RAS boxes of some of
+        the task's thin classes by row (None: not found)."""
+        boxes = {row: box for row, box in boxes.items() if box is not None}
+        return [crop for spacing in sorted({task.fine_spacings[r] for r in boxes})
+                for crop in self._fine_crops({r: b for r, b in boxes.items() if task.fine_spacings[r] == spacing}, spacing)]
+
+    def _fine_examples(
+        self, image: Volume, labels: Volume, task: TaskEmbedding, truth: torch.Tensor, grid: Grid,
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor, list[int]]]:
+        """(encoder features, masks, task rows) of the crops the second pass sees around the thin classes of
+        a labelled scan (`truth`: its masks of every task class on working `grid`): what tuning fits the
+        fine tokens on, so the second pass does not undo what tuning taught the first."""
+        if not task.refined:
+            return []
+        crops = self._task_crops(task, dict(zip(task.refined, _world_boxes(truth[task.refined], grid))))
+        if not crops:
+            return []
+        normalized = self._normalized(image, task.modality or resolve_modality(image.array, None))
+        examples = []
+        for crop, rows in crops:
+            with torch.no_grad():
+                features = self.model.encoder(resample(normalized, image.affine, crop)[None])
+            examples.append((features, self._truth_on_grid(labels, crop, [task.label_values[r] for r in rows])[None], rows))
+        return examples
+
+    def _fine_crops(self, boxes: dict[int, tuple[np.ndarray, np.ndarray]], spacing: float) -> list[tuple[Grid, list[int]]]:
+        """Crops at `spacing` for the rows of `boxes` (RAS min/max of each class): one around each class not
+        yet inside an earlier crop (largest first), holding every class whose box lies inside it with
+        REFINE_MARGIN voxels to spare. A class too long for REFINE_MAX_SIDE voxels is left out."""
+        margin = REFINE_MARGIN * spacing
+        fits = {row: box for row, box in boxes.items() if ((box[1] - box[0]) / spacing + 2 * REFINE_MARGIN <= REFINE_MAX_SIDE).all()}
+        pending = sorted(fits, key=lambda row: -float(np.prod(fits[row][1] - fits[row][0])))
+        crops = []
+        while pending:
+            wmin, wmax = fits[pending[0]]
+            sides = [min(REFINE_MAX_SIDE, max(REFINE_MIN_SIDE, math.ceil(e / spacing / self.config.total_stride - 1e-6) * self.config.total_stride))
+                     for e in (wmax - wmin) + 2 * margin]
+            crop = aligned_grid((wmin + wmax) / 2, spacing, tuple(sides))
+            cmin, cmax = crop.world_bounds()
+            rows = [row for row in pending if (fits[row][0] >= cmin + margin - 1e-6).all() and (fits[row][1] <= cmax - margin + 1e-6).all()]
+            crops.append((crop, rows))
+            pending = [row for row in pending if row not in rows]
+        return crops
 
     def _check_class_sizes(self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float) -> None:
         least = self.min_class_voxels
@@ -219,11 +312,22 @@ class IrisPredictor:
         progress: Progress = None,
         cancel: Cancel = None,
         allow_modality_mismatch: bool = False,
+        refine: bool = True,
     ) -> Volume:
-        """Every class of the task on the target, in one decoder pass per window; result on the target's grid."""
-        probabilities, grid = self.probabilities(target, task, progress, cancel, allow_modality_mismatch)
-        _report(progress, 0.95, "mapping the result back to the target grid")
-        labels = self._label_map(task, probabilities, grid, Grid(target.shape, target.affine))
+        """Every class of the task on the target, in one decoder pass per window; result on the target's grid.
+
+        With `refine`, the task's thin classes (those with fine tokens) found by that pass are segmented
+        again at the finer spacing of their fine tokens, in crops around what was found (one decoder pass
+        per crop, all classes of the crop at once); inside a crop their probabilities replace the first
+        pass's."""
+        probabilities, grid = self.probabilities(target, task, scaled(progress, 0.0, 0.85), cancel, allow_modality_mismatch)
+
+        def second_pass(kept: torch.Tensor) -> list[Overlay]:
+            overlays = self._overlays(target, task, kept, grid, scaled(progress, 0.85, 0.95), cancel) if refine else []
+            _report(progress, 0.95, "mapping the result back to the target grid")
+            return overlays
+
+        labels = self._label_map(task, probabilities, grid, Grid(target.shape, target.affine), second_pass)
         _check_cancel(cancel)
         _report(progress, 1.0, "done")
         return Volume(
@@ -258,12 +362,47 @@ class IrisPredictor:
         return total / weight_sum.clamp_min(1e-6), grid
 
     @staticmethod
-    def _label_map(task: TaskEmbedding, probabilities: torch.Tensor, grid: Grid, onto: Grid) -> np.ndarray:
+    def _label_map(
+        task: TaskEmbedding, probabilities: torch.Tensor, grid: Grid, onto: Grid, second_pass: Callable[[torch.Tensor], list[Overlay]] | None = None,
+    ) -> np.ndarray:
         """The task's decision (islands dropped, per-class thresholds, classes competing) on
         probabilities over working `grid`, as a label map on `onto`: one rule for segmenting and for
-        checking a tuned task on its references."""
+        checking a tuned task on its references. `second_pass` makes the overlays of the finer pass
+        from the first pass's kept probabilities."""
         probabilities = drop_islands(probabilities, task.thresholds, task.keep_largest)
-        return labels_on_grid(probabilities, grid.affine, onto, task.label_values, task.thresholds)
+        overlays = second_pass(probabilities) if second_pass is not None else []
+        return labels_on_grid(probabilities, grid.affine, onto, task.label_values, task.thresholds, overlays=overlays)
+
+    def _overlays(self, target: Volume, task: TaskEmbedding, kept: torch.Tensor, grid: Grid, progress: Progress, cancel: Cancel) -> list[Overlay]:
+        """The second pass: the task's thin classes that the first pass found (`kept`: its probabilities
+        with islands dropped) segmented again in crops around them at their fine spacing, islands dropped
+        alike. It redraws what the first pass found, not more: a class's probabilities are kept only
+        within REFINE_MARGIN fine voxels of the box the first pass found it in. A class the first pass
+        found too long for a crop keeps the first pass's result."""
+        rows = task.refined
+        if not rows:
+            return []
+        boxes = dict(zip(rows, _world_boxes(torch.stack([kept[r] > task.thresholds[r] for r in rows]), grid)))
+        crops = self._task_crops(task, boxes)
+        if not crops:
+            return []
+        normalized = self._normalized(target, task.modality or resolve_modality(target.array, None))
+        overlays = []
+        for n, (crop, members) in enumerate(crops):
+            _check_cancel(cancel)
+            _report(progress, n / len(crops), f"segmenting small structures: crop {n + 1} of {len(crops)}")
+            with torch.no_grad(), _device_memory():
+                logits = self.model.segment(resample(normalized, target.affine, crop)[None], task.fine_tokens[members].to(self.device, torch.float32)[None])[0]
+            self.decoder_passes += 1
+            probabilities = torch.zeros_like(logits)
+            for k, row in enumerate(members):
+                margin = REFINE_MARGIN * task.fine_spacings[row]
+                lo, hi = crop.index_box(boxes[row][0] - margin, boxes[row][1] + margin)
+                near = (k, *(slice(a, b) for a, b in zip(lo, hi)))
+                probabilities[near] = torch.sigmoid(logits[near])
+            probabilities = drop_islands(probabilities, [task.thresholds[r] for r in members], [task.keep_largest[r] for r in members])
+            overlays.append(Overlay(members, probabilities, crop))
+        return overlays
 
     def _working_target(self, target: Volume, modality: str, spacing: float) -> tuple[torch.Tensor, Grid]:
         """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
@@ -392,7 +531,8 @@ class IrisPredictor:
         They are optimised (Dice + BCE) to reproduce the corrected segmentation of `image` and, at
         every step, of `views` new augmented views of it (inference/views.py), meant to fit the
         structure more than this scan's pose and brightness; each view costs one more encoder and
-        decoder pass per step. Returns new embeddings; `self.tuning_joined` says whether the scan
+        decoder pass per step. The fine tokens of thin classes are optimised with them on the crops
+        the second pass would see around the corrected classes (one decoder pass per crop and step). Returns new embeddings; `self.tuning_joined` says whether the scan
         joined the context.
 
         `references` are labelled scans the task must still segment, normally those it was encoded
@@ -436,10 +576,12 @@ class IrisPredictor:
 
         with _device_memory():
             corrected_windows = encoded([(pixels, truth)])
+            fine_crops = self._fine_examples(image, corrected, task, truth, grid)
         tokens = task.tokens.to(self.device, torch.float32).clone().requires_grad_(True)
+        fine_tokens = task.fine_tokens.to(self.device, torch.float32).clone().requires_grad_(True)
         if learning_rate is None:
             learning_rate = 0.025 * float(tokens.detach().pow(2).mean().sqrt())
-        optimizer = torch.optim.Adam([tokens], lr=learning_rate)
+        optimizer = torch.optim.Adam([tokens, fine_tokens], lr=learning_rate)
         frozen = [p.requires_grad for p in self.model.parameters()]
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -448,10 +590,11 @@ class IrisPredictor:
                 for step in range(steps):
                     _check_cancel(cancel)
                     optimizer.zero_grad()
-                    examples = corrected_windows + encoded(augmented_views(pixels, truth, views, seed=step))
+                    examples = [(f, m, tokens) for f, m in corrected_windows + encoded(augmented_views(pixels, truth, views, seed=step))]
+                    examples += [(f, m, fine_tokens[rows]) for f, m, rows in fine_crops]  # the second pass's crops
                     loss = 0.0
-                    for features, masks in examples:  # one decoder graph alive at a time; gradients add up
-                        part = dice_bce_loss(self.model.decoder(features, tokens[None], tuple(masks.shape[2:])), masks) / len(examples)
+                    for features, masks, task_tokens in examples:  # one decoder graph alive at a time; gradients add up
+                        part = dice_bce_loss(self.model.decoder(features, task_tokens[None], tuple(masks.shape[2:])), masks) / len(examples)
                         part.backward()
                         loss += float(part.detach())
                     del examples
@@ -463,7 +606,7 @@ class IrisPredictor:
                 p.requires_grad_(flag)
         # Fitted to the correction at 0.5, tuned classes leave any calibrated threshold behind; whether
         # a class is one piece is a fact about the structure and stays.
-        tuned = replace(task, tokens=tokens.detach().cpu(), thresholds=[])
+        tuned = replace(task, tokens=tokens.detach().cpu(), fine_tokens=fine_tokens.detach().cpu(), thresholds=[])
         if references:
             _report(progress, 0.9, "checking the tuned classes on the references")
             before, taken_before = self._dice_on(task, references, cancel)
@@ -475,7 +618,7 @@ class IrisPredictor:
                 if not culprits:
                     break
                 for row in sorted(culprits):
-                    tuned.tokens[row] = task.tokens[row]
+                    tuned.tokens[row], tuned.fine_tokens[row] = task.tokens[row], task.fine_tokens[row]
                     tuned.thresholds[row] = task.thresholds[row]
                 untuned += sorted(culprits)
             self.tuning_untuned = [task.class_names[row] for row in sorted(untuned)]
@@ -493,7 +636,8 @@ class IrisPredictor:
         For a structure the network never trained on, the encoder's embedding misses it even on its
         own scan; fitting recovers much of it (benchmarks/generalization.py has the table of both
         strategies). Unlike Tune no augmented views and no joining: the encoder features of the
-        reference are computed once and every step is one decoder pass, so the fit takes seconds."""
+        reference are computed once and every step is one decoder pass per window and per crop of the
+        thin classes (whose fine tokens are fitted alike), so the fit takes seconds."""
         rate = REFERENCE_FIT_RATE * float(task.tokens.float().pow(2).mean().sqrt())
         fitted = self.tune(task, image, labels, steps=steps, learning_rate=rate, progress=progress, cancel=cancel, views=0, join_context=False)
         return replace(fitted, sources=[*task.sources, f"fitted to its reference {labels.name or ''} ({steps} steps)".replace("  ", " ")])
@@ -599,12 +743,12 @@ class IrisPredictor:
 
     def segment_with_retrieval(
         self, target: Volume, pool: ReferencePool | list[TaskEmbedding], top_k: int = 1, progress: Progress = None,
-        cancel: Cancel = None, allow_modality_mismatch: bool = False,
+        cancel: Cancel = None, allow_modality_mismatch: bool = False, refine: bool = True,
     ) -> Volume:
-        """Retrieve the best references per class for this target, then segment with them."""
+        """Retrieve the best references per class for this target, then segment with them (`segment`)."""
         check_top_k(top_k)
         task = self.retrieve(target, pool, top_k, scaled(progress, 0.0, 0.5), cancel, allow_modality_mismatch)
-        return self.segment(target, task, scaled(progress, 0.5, 1.0), cancel, allow_modality_mismatch)
+        return self.segment(target, task, scaled(progress, 0.5, 1.0), cancel, allow_modality_mismatch, refine)
 
     @staticmethod
     def _memory_modality(key: str) -> str:
@@ -672,6 +816,18 @@ class IrisPredictor:
             self.model.memory_bank[rows].float().cpu(), values, complete_segments(segments, values), modality, 0.0, self.model_id, ["memory bank"]
         )
 
+
+
+def _world_boxes(masks: torch.Tensor, grid: Grid) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """RAS min/max of each mask (K, *grid.shape) on `grid`; None for an empty one."""
+    boxes: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for mask in masks.bool():
+        if not mask.any():
+            boxes.append(None)
+            continue
+        spans = [torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten() for axis in range(3)]
+        boxes.append(box_world_bounds(grid.affine, np.array([int(s[0]) for s in spans]), np.array([int(s[-1]) for s in spans])))
+    return boxes
 
 
 def check_top_k(top_k: int) -> None:

@@ -31,9 +31,36 @@ class Grid:
 
     def rows(self, start: int, stop: int) -> "Grid":
         """The sub-grid of index rows start..stop-1 along the first axis."""
+        return self.box(np.array([start, 0, 0]), np.array([stop, *self.shape[1:]]))
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> "Grid":
+        """The sub-grid of the index box lo..hi-1."""
         shift = np.eye(4)
-        shift[0, 3] = start
-        return Grid((stop - start, self.shape[1], self.shape[2]), self.affine @ shift)
+        shift[:3, 3] = lo
+        return Grid(tuple(int(n) for n in np.asarray(hi) - np.asarray(lo)), self.affine @ shift)  # type: ignore[arg-type]
+
+    def index_box(self, wmin: np.ndarray, wmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The index box lo..hi-1 of this grid's voxels that may lie in the RAS box wmin..wmax
+        (clipped to the grid; empty when lo >= hi on some axis)."""
+        corners = np.array([[x, y, z, 1.0] for x in (wmin[0], wmax[0]) for y in (wmin[1], wmax[1]) for z in (wmin[2], wmax[2])])
+        index = (corners @ np.linalg.inv(self.affine).T)[:, :3]
+        lo = np.clip(np.floor(index.min(0)).astype(int), 0, self.shape)
+        hi = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, self.shape)
+        return lo, hi
+
+    def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """RAS min/max of the grid's voxel-edge corners."""
+        return box_world_bounds(self.affine, np.zeros(3), np.asarray(self.shape) - 1)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """Per-class probabilities (len(rows), *grid.shape) on a smaller, finer grid: inside it they
+    replace the working grid's probabilities of those class rows (the second pass for small classes)."""
+
+    rows: list[int]
+    probabilities: torch.Tensor
+    grid: Grid
 
 
 def box_world_bounds(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +146,13 @@ def resample(
 
 def labels_on_grid(
     probabilities: torch.Tensor, source_affine: np.ndarray, grid: Grid, label_values: list[int],
-    threshold: float | Sequence[float] = 0.5, slab: int = 8,
+    threshold: float | Sequence[float] = 0.5, slab: int = 8, overlays: Sequence[Overlay] = (),
 ) -> np.ndarray:
     """Per-class probabilities (K, ...) on a working grid -> label map on `grid` (the target's own).
 
     Probabilities are interpolated linearly, a slab of rows at a time so memory stays bounded on
-    large targets; a voxel takes the most probable of the classes whose probability exceeds their
+    large targets; inside each of `overlays` its classes' probabilities come from the overlay
+    instead. A voxel takes the most probable of the classes whose probability exceeds their
     threshold (one for all classes, or one per class).
     """
     values = torch.tensor([0, *label_values], dtype=torch.int64, device=probabilities.device)
@@ -132,7 +160,17 @@ def labels_on_grid(
     out = np.zeros(grid.shape, dtype=np.int64)
     for start in range(0, grid.shape[0], slab):
         stop = min(grid.shape[0], start + slab)
-        probs = resample(probabilities, source_affine, grid.rows(start, stop))
+        rows = grid.rows(start, stop)
+        probs = resample(probabilities, source_affine, rows)
+        for overlay in overlays:
+            lo, hi = rows.index_box(*overlay.grid.world_bounds())
+            if (lo >= hi).any():
+                continue
+            part = rows.box(lo, hi)
+            inside = resample(torch.ones((1, *overlay.grid.shape), device=probs.device), overlay.grid.affine, part)[0] > 1 - 1e-4
+            box = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
+            region = probs[box]  # a view: writing its rows writes probs
+            region[overlay.rows] = torch.where(inside, resample(overlay.probabilities.to(probs.device), overlay.grid.affine, part), region[overlay.rows])
         best, index = torch.where(probs > thresholds, probs, torch.zeros_like(probs)).max(0)
         out[start:stop] = torch.where(best > 0, values[index + 1], values[0]).cpu().numpy()
     return out
