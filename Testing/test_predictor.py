@@ -122,7 +122,7 @@ def test_fitting_to_the_reference_changes_only_the_embedding_and_fits_the_refere
     reference_labels = Volume(np.where(shrunk == 2, 2, np.where(labels.array == 1, 1, 0)).astype(np.uint8), image.affine, "shrunk")
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     before = dice(predictor.segment(image, task).array, reference_labels.array, 2)
-    fitted = predictor.fit_to_reference(task, image, reference_labels, steps=15)
+    fitted = predictor.fit_to_reference(task, image, reference_labels, steps=15, below=None)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), f"fitting changed network weight {name}"
     assert fitted.label_values == [2] and fitted.segments == task.segments and not torch.equal(fitted.tokens, task.tokens)
@@ -130,6 +130,21 @@ def test_fitting_to_the_reference_changes_only_the_embedding_and_fits_the_refere
     assert not predictor.tuning_joined, "the reference is not joined to its own context a second time"
     after = dice(predictor.segment(image, fitted).array, reference_labels.array, 2)
     assert after > before + 0.005, (before, after)  # random network: 0.654 -> 0.662 here; trained ones gain far more (benchmarks/generalization.py)
+
+
+def test_fitting_leaves_the_classes_the_reference_already_segments_well(predictor):
+    """By default only classes the reference's own segmentation gets below FIT_BELOW Dice are fitted: what
+    the network already follows keeps its embedding (fitting it to one scan costs Dice on the next)."""
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    scores, _ = predictor._dice_on(task, [(image, labels)])
+    low, high = sorted(scores, key=scores.get)
+    assert scores[low] < scores[high]
+    fitted = predictor.fit_to_reference(task, image, labels, steps=3, below=(scores[low] + scores[high]) / 2)
+    assert torch.equal(fitted.tokens[high], task.tokens[high]) and fitted.thresholds[high] == task.thresholds[high]
+    assert not torch.equal(fitted.tokens[low], task.tokens[low])
+    assert fitted.sources[-1].endswith(f"(3 steps: {task.class_names[low]})")
+    assert predictor.fit_to_reference(task, image, labels, below=0.0) is task  # no class below 0: nothing to fit
 
 
 def test_tuning_starts_from_the_context_joined_by_the_corrected_scan(predictor):

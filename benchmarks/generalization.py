@@ -66,7 +66,7 @@ MERGED_NAME = "cells"
 VOXEL_RULE_SETS = {"Cells_Confocal"}  # spacing in micrometres written as mm: a class counts from MIN_VOXELS
 MIN_CM3 = 1.0
 MIN_VOXELS = 1000
-STRATEGIES = ("one-shot", "reference-fit")
+STRATEGIES = ("one-shot", "reference-fit", "fit-where-poor")
 
 
 # ---------------------------------------------------------------- choices
@@ -157,12 +157,15 @@ def mean_of(values: list[float | None]) -> float | None:
 def segment_pair(predictor, strategy: str, reference, target):
     """The strategy's segmentation of `target` from one labelled `reference` (image, labels): every
     reference class the engine can encode in one call (specks below its least class size are left out
-    and score as missed). one-shot: the reference's embeddings as encoded; reference-fit: fitted to the
-    reference first (IrisPredictor.fit_to_reference)."""
+    and score as missed). one-shot: the reference's embeddings as encoded; reference-fit: every class
+    fitted to the reference first (IrisPredictor.fit_to_reference); fit-where-poor: only the classes the
+    reference's own segmentation gets below FIT_BELOW Dice (fit_to_reference's default)."""
     task = predictor.encode_reference(*reference, skip_small=True)
     if strategy == "one-shot":
         return predictor.segment(target, task)
     if strategy == "reference-fit":
+        return predictor.segment(target, predictor.fit_to_reference(task, *reference, below=None))
+    if strategy == "fit-where-poor":
         return predictor.segment(target, predictor.fit_to_reference(task, *reference))
     raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
 
