@@ -120,7 +120,7 @@ class IrisSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     allowModalityMismatch: bool = False
     tuneSteps: Annotated[int, WithinRange(1, 1000)] = 10  # the engine's default (TUNING_STEPS in IrisSegmentLib.inference.predictor)
-    fitSteps: Annotated[int, WithinRange(0, 1000)] = 0  # fitting each reference's embeddings to it before use (0: off)
+    fitSteps: Annotated[int, WithinRange(0, 1000)] = 40  # fitting poorly followed classes to their reference before use (0: off)
     strategy: str = "one-shot"
     device: str = "auto"
     weights: str = ""  # empty: the bundled model

@@ -16,6 +16,8 @@ from .errors import InputError, IrisError, ModalityMismatch
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval", "memory")
 MAX_TUNING_STEPS = 1000  # IrisSegmentLib.inference.predictor.MAX_TUNING_STEPS, without importing torch to parse options
+REFERENCE_FIT_STEPS = 40  # predictor.REFERENCE_FIT_STEPS, likewise
+FIT_BELOW = 0.5  # predictor.FIT_BELOW, likewise
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")  # inputs that may have a .ctbl color table beside them
 
 
@@ -181,9 +183,11 @@ def _read_references(references: list[list[str]]):
     return volumes
 
 
-def _encode_references(predictor, volumes, classes, modality, fit_steps: int = 0):
-    """A task per (image, labels) reference, fitted to its own reference for `fit_steps` optimiser
-    steps when asked (IrisPredictor.fit_to_reference); the volumes also serve ensemble calibration."""
+def _encode_references(predictor, volumes, classes, modality, fit_steps: int | None = None):
+    """A task per (image, labels) reference, whose classes the reference's own segmentation gets below
+    FIT_BELOW Dice fitted to it for `fit_steps` optimiser steps (None: REFERENCE_FIT_STEPS; 0: none;
+    IrisPredictor.fit_to_reference); the volumes also serve ensemble calibration."""
+    fit_steps = REFERENCE_FIT_STEPS if fit_steps is None else fit_steps
     tasks = []
     for image, labels in volumes:
         bar = _progress_bar(f"encoding {labels.name}")
@@ -244,7 +248,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         raise InputError("give a reference (--reference IMAGE LABELS) or a task file (--task FILE), or use --strategy memory --classes NAMES.")
     if strategy == "one-shot" and count > 1:
         raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
-    if args.fit_reference and not args.reference:
+    if args.fit_reference is not None and not args.reference:
         raise InputError("--fit-reference fits embeddings to their reference scans: give --reference IMAGE LABELS (a task file is fitted when it is encoded).")
     if args.top_k is not None and strategy != "retrieval":
         raise InputError(f"--top-k applies to --strategy retrieval only (this run is {strategy}).")
@@ -396,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--classes", nargs="+", help="label values or segment names to transfer (default: all)")
         p.add_argument("--modality", default="auto", type=_modality_choice, help="auto, CT or MR (intensity normalisation)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-        p.add_argument("--fit-reference", type=_whole_number(0, MAX_TUNING_STEPS, "a number of steps"), default=0, metavar="STEPS",
-                       help="fit each reference's embeddings to the reference itself for STEPS optimiser steps before use "
-                            f"(network frozen; 0 to {MAX_TUNING_STEPS}, default 0: off); helps most for structures the model was not trained on")
+        p.add_argument("--fit-reference", type=_whole_number(0, MAX_TUNING_STEPS, "a number of steps"), default=None, metavar="STEPS",
+                       help="before use, fit the embeddings of the classes that the reference's own segmentation gets below Dice "
+                            f"{FIT_BELOW} (structures the model does not know) to the reference itself, for STEPS optimiser steps "
+                            f"(network frozen; 0 to {MAX_TUNING_STEPS}, default {REFERENCE_FIT_STEPS}; 0: off)")
 
     seg = sub.add_parser("segment", help="segment a target scan from references, task files or the memory bank")
     reference_options(seg, required=False)

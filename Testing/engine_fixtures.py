@@ -127,3 +127,12 @@ def weights_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "small.safetensors"
     save_model(random_model(0), path, provenance={"purpose": "tests", "trained": "no (random)"})
     return path
+
+
+@pytest.fixture
+def quick_reference_fit(monkeypatch):
+    """The command line fits each reference's poorly followed classes to it by default (40 steps); the random
+    test network follows none, so every reference is fitted: 2 steps keep that default path, quickly."""
+    from IrisSegmentLib import cli
+
+    monkeypatch.setattr(cli, "REFERENCE_FIT_STEPS", 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_fixtures import case, image_path, labels_path, model, predictor, random_model, require_data, weights_file  # noqa: F401
+from engine_fixtures import case, image_path, labels_path, model, predictor, quick_reference_fit, random_model, require_data, weights_file  # noqa: F401
 from IrisSegmentLib.cli import main
 from IrisSegmentLib.device import resolve_device
 from IrisSegmentLib.embeddings import TaskEmbedding
@@ -50,6 +50,9 @@ def _cli_fails(capsys, argv: list[str], output: Path, *words: str) -> str:
 def _save_nifti(array: np.ndarray, path: Path, affine=None) -> Path:
     nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+pytestmark = pytest.mark.usefixtures("quick_reference_fit")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path, require_data, weights_file  # noqa: F401
+from engine_fixtures import AFFINES, CLASS_NAMES, case, image_path, labels_path, quick_reference_fit, require_data, weights_file  # noqa: F401
 from support import read_only_folder
 from IrisSegmentLib.cli import main
 from IrisSegmentLib.embeddings import TaskEmbedding
@@ -22,6 +22,8 @@ from IrisSegmentLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {3: "front part", 8: "back part"}  # non-consecutive values and names with spaces, unlike the dataset's
+
+pytestmark = pytest.mark.usefixtures("quick_reference_fit")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_retrieval_from_references_and_task_files(capsys, tmp_path, files, weigh
 def test_a_task_can_be_fitted_to_its_reference_when_encoded(capsys, tmp_path, files, weights_file):
     plain, fitted = tmp_path / "plain.safetensors", tmp_path / "fitted.safetensors"
     reference = ["--reference", files["image1"], files["labels1"], "--weights", weights_file]
-    ok(capsys, "encode", *reference, "--output", plain)
+    ok(capsys, "encode", *reference, "--fit-reference", "0", "--output", plain)
     ok(capsys, "encode", *reference, "--fit-reference", "3", "--output", fitted)
     assert not torch.equal(TaskEmbedding.load(plain).tokens, TaskEmbedding.load(fitted).tokens)
     assert TaskEmbedding.load(plain).class_names == TaskEmbedding.load(fitted).class_names
@@ -557,9 +559,12 @@ def test_names_round_trip_through_a_written_color_table_into_an_ensemble(capsys,
     check_output(output, files["target"], CLASS_NAMES)
 
 
-def test_the_command_lines_step_limit_is_the_engines():
+def test_the_command_lines_step_limit_is_the_engines(monkeypatch):
     """The CLI keeps its own copy (options are parsed without importing torch); it must not drift."""
     from IrisSegmentLib import cli
     from IrisSegmentLib.inference import predictor
 
+    monkeypatch.undo()  # the shipped values, not quick_reference_fit's
+
     assert cli.MAX_TUNING_STEPS == predictor.MAX_TUNING_STEPS
+    assert (cli.REFERENCE_FIT_STEPS, cli.FIT_BELOW) == (predictor.REFERENCE_FIT_STEPS, predictor.FIT_BELOW)

@@ -389,12 +389,12 @@ def test_fitting_to_the_reference_is_part_of_the_task_and_of_its_reuse(head_neck
     """The panel's "Fit to references": the fitted task is the one the output came from and that Tune
     starts from; a segment with another number of fit steps never reuses the other's task."""
     reference = Reference(head_neck.reference, head_neck.reference_segmentation)
-    _run(logic.start_segment(head_neck.target, [reference]))
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0))
     plain = logic.task
     _run(logic.start_segment(head_neck.target, [reference], fit_steps=2))
     fitted = logic.task
     assert fitted.class_names == plain.class_names and not torch.equal(fitted.tokens, plain.tokens)
-    _run(logic.start_segment(head_neck.target, [reference]))
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0))
     assert torch.equal(logic.task.tokens, plain.tokens), "the unfitted task comes back from the cache, unchanged"
     with pytest.raises(InputError, match="steps"):
         _run(logic.start_segment(head_neck.target, [reference], fit_steps=-1))

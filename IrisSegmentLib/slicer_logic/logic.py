@@ -204,8 +204,10 @@ class IrisSceneLogic:
 
         The result goes to a new segmentation node, or replaces the content of `output` (kept for Undo);
         the job's result is that node. A task built earlier from the same sources, strategy and
-        `fit_steps` is reused as it is, including what Tune taught it. With `fit_steps`, each
-        reference's embeddings are first fitted to the reference itself (IrisPredictor.fit_to_reference).
+        `fit_steps` is reused as it is, including what Tune taught it. With `fit_steps` (0: off, as in
+        the engine's API; the panel's default is 40, like the command line's), the classes each
+        reference's own segmentation gets below FIT_BELOW Dice are first fitted to the reference itself
+        (IrisPredictor.fit_to_reference): structures the model was not trained on.
         """
         self._check_idle()
         if strategy not in STRATEGIES:
