@@ -532,14 +532,19 @@ def main() -> None:
     table = generalization_table(args.weights, args.sets, args.data, args.cases, args.pairs, args.threads, not args.no_registration, args.strategy,
                                  binning=not args.no_binning)
     table["command"] = " ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]])
-    text = markdown(table)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stem = args.output / f"generalization_{args.tag or default_tag(args.weights)}"
+    save_results(args.output / f"generalization_{args.tag or default_tag(args.weights)}", "Generalization to unseen structures",
+                 f"strategy {table['strategy']}", table, markdown(table), plot)
+
+
+def save_results(stem: Path, title: str, settings: str, table: dict, text: str, plot_to: Callable[[dict, Path], None]) -> None:
+    """A benchmark's <stem>.md (title, command, model, `settings`, time, then `text`), .json (`table`) and
+    .png (`plot_to`); `table` holds command, model, threads and wall_seconds."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(
-        f"# Generalization to unseen structures\n\n`{table['command']}`: {table['model']}; strategy {table['strategy']}; "
+        f"# {title}\n\n`{table['command']}`: {table['model']}; {settings}; "
         f"{table['threads']} thread(s); {table['wall_seconds'] / 60:.1f} min in all.\n\n{text}\n")
     stem.with_suffix(".json").write_text(json.dumps(table, indent=1))
-    plot(table, stem.with_suffix(".png"))
+    plot_to(table, stem.with_suffix(".png"))
     print(text)
     print(f"{table['wall_seconds'] / 60:.1f} min; saved {stem}.md/.json/.png")
 

@@ -19,7 +19,6 @@ refinement_<tag>.md/.json/.png under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalization import DATA, RESULTS, _fmt, class_records, default_tag, mean_of  # noqa: E402
+from generalization import DATA, RESULTS, _fmt, class_records, default_tag, mean_of, save_results  # noqa: E402
 
 SETS = {"HeadNeck_CT": "one-shot", "TotalSeg_CT_example": "self", "TotalSeg_MR_example": "self"}
 WAYS = ("first pass", "refined")
@@ -168,15 +167,8 @@ def main() -> None:
     table = {"model": f"model {model.model_id}, step {model.provenance.get('steps', '?')}", "weights": str(model.weights_path),
              "threads": args.threads, "rows": rows, "wall_seconds": time.perf_counter() - start,
              "command": " ".join(["python", "benchmarks/refinement.py", *sys.argv[1:]])}
-    text = markdown(table)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stem = args.output / f"refinement_{args.tag or default_tag(args.weights)}"
-    stem.with_suffix(".md").write_text(f"# Second pass for thin classes\n\n`{table['command']}`: {table['model']}; {args.threads} thread(s); "
-                                       f"{table['wall_seconds'] / 60:.1f} min in all.\n\n{text}\n")
-    stem.with_suffix(".json").write_text(json.dumps(table, indent=1))
-    plot(table, stem.with_suffix(".png"))
-    print(text)
-    print(f"saved {stem}.md/.json/.png")
+    save_results(args.output / f"refinement_{args.tag or default_tag(args.weights)}", "Second pass for thin classes",
+                 f"{len(rows)} set(s)", table, markdown(table), plot)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ classes.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Optional
@@ -21,7 +20,7 @@ from ..errors import Cancelled, DeviceError, InputError, ModalityMismatch
 from ..model.iris import IrisModel
 from ..model.loss import dice_bce_loss
 from ..model.weights import model_id_of
-from ..preprocessing.grid import Grid, Overlay, aligned_grid, box_world_bounds, covering_grid, crop_grid, fit_spacing, labels_on_grid, resample
+from ..preprocessing.grid import Grid, Overlay, aligned_grid, box_world_bounds, covering_grid, crop_grid, fit_spacing, labels_on_grid, resample, round_up
 from ..preprocessing.intensity import foreground_box, normalize, resolve_modality
 from ..preprocessing.windows import gaussian_weight, windows
 from ..segments import complete_segments, label_dtype, present_labels
@@ -269,8 +268,7 @@ class IrisPredictor:
         crops = []
         while pending:
             wmin, wmax = fits[pending[0]]
-            sides = [min(REFINE_MAX_SIDE, max(REFINE_MIN_SIDE, math.ceil(e / spacing / self.config.total_stride - 1e-6) * self.config.total_stride))
-                     for e in (wmax - wmin) + 2 * margin]
+            sides = [min(REFINE_MAX_SIDE, max(REFINE_MIN_SIDE, round_up(e / spacing, self.config.total_stride))) for e in (wmax - wmin) + 2 * margin]
             crop = aligned_grid((wmin + wmax) / 2, spacing, tuple(sides))
             cmin, cmax = crop.world_bounds()
             rows = [row for row in pending if (fits[row][0] >= cmin + margin - 1e-6).all() and (fits[row][1] <= cmax - margin + 1e-6).all()]

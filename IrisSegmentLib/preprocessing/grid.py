@@ -78,7 +78,7 @@ def aligned_grid(center: np.ndarray, spacing: float, shape: tuple[int, int, int]
     return Grid(tuple(int(s) for s in shape), affine)
 
 
-def _round_up(n: float, multiple: int) -> int:
+def round_up(n: float, multiple: int) -> int:
     """n rounded up to a multiple of the network stride, and at least two of them: the coarsest
     feature map then has more than one voxel a side, which instance normalisation needs."""
     return max(2 * multiple, int(math.ceil(n / multiple - 1e-6)) * multiple)
@@ -95,9 +95,9 @@ def fit_spacing(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: int) -
 def covering_grid(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray, spacing: float, multiple: int, max_size: int | None = None) -> Grid:
     """The RAS grid at `spacing` covering the index box lo..hi, each side a multiple of `multiple`."""
     wmin, wmax = box_world_bounds(affine, lo, hi)
-    shape = [_round_up(e / spacing, multiple) for e in wmax - wmin]
+    shape = [round_up(e / spacing, multiple) for e in wmax - wmin]
     if max_size:
-        shape = [min(n, _round_up(max_size, multiple)) for n in shape]
+        shape = [min(n, round_up(max_size, multiple)) for n in shape]
     return aligned_grid((wmin + wmax) / 2, spacing, tuple(shape))  # type: ignore[arg-type]
 
 
@@ -110,7 +110,7 @@ def crop_grid(affine: np.ndarray, volume_shape: tuple[int, ...], center: np.ndar
     """A grid at `spacing` centred on `center` (RAS), `size` voxels a side at most and no larger
     than the volume's own extent needs: a reference crop around its labels."""
     wmin, wmax = box_world_bounds(affine, np.zeros(3), np.array(volume_shape) - 1)
-    shape = tuple(min(_round_up(e / spacing, multiple), _round_up(size, multiple)) for e in wmax - wmin)
+    shape = tuple(min(round_up(e / spacing, multiple), round_up(size, multiple)) for e in wmax - wmin)
     return aligned_grid(center, spacing, shape)  # type: ignore[arg-type]
 
 
