@@ -407,7 +407,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called by the QTimer: wait on the job for most of the tick (Slicer's event loop holds Python's
         lock, so the worker only runs while Python waits here), show progress; once the job has ended,
         apply or report it."""
-        from IrisSegmentLib.errors import Cancelled, IrisError
+        from IrisSegmentLib.slicer_logic.dialogs import finished_job
 
         updates, ended = self._job.tick()  # the job's own errors come out of result() below
         for fraction, message in updates:
@@ -419,18 +419,12 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, self._job = self._job, None
         getattr(self.ui, self._jobButtonName).text = self._jobButtonText
         try:
-            outcome = job.result()
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
-        except IrisError as exc:
-            self.ui.statusLabel.text = _("Failed: nothing was changed.")
-            slicer.util.errorDisplay(str(exc))
-        except Exception as exc:
-            logging.exception("IrisSegment: %s failed", job.title)
-            self.ui.statusLabel.text = _("Failed: nothing was changed.")
-            slicer.util.errorDisplay(_("Unexpected error: {error}. Details are in the Python console.").format(error=exc))
-        else:
-            if self._guarded(lambda: self._onJobDone(outcome) or True, job.title) is None:
+            status, outcome = finished_job(job.result, job.title, slicer.util.errorDisplay)
+            if status == "cancelled":
+                self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
+            elif status == "failed":
+                self.ui.statusLabel.text = _("Failed: nothing was changed.")
+            elif self._guarded(lambda: self._onJobDone(outcome) or True, job.title) is None:
                 self.ui.statusLabel.text = _("{title} finished, but showing its result failed; see the Python console.").format(title=job.title)
         finally:
             self._showDevice()

@@ -249,6 +249,10 @@ def test_a_reference_class_too_small_to_encode_is_refused(predictor):
     assert predictor.encode_reference(image, dot, classes=["big"]).class_names == ["big"]
     assert predictor.encode_reference(image, dot, skip_small=True).class_names == ["big"]
     assert predictor.skipped_small == ["dot"]
+    dots = np.zeros_like(one)
+    dots[tuple(point)], dots[tuple(point + [1, 0, 0])] = 2, 3  # two touching voxels; the crop is centred between them
+    only_dots = Volume(dots, labels.affine, "two voxels", {2: {"name": "dot"}, 3: {"name": "speck"}})
+    _raises(InputError, "every class", "fewer than 8", "whole structures", call=lambda: predictor.encode_reference(image, only_dots, skip_small=True))
 
 
 def test_a_scan_given_as_the_label_map_is_refused(predictor):

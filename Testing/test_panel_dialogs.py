@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from IrisSegmentLib.errors import InputError
-from IrisSegmentLib.slicer_logic.dialogs import ensure_torch, guarded
+from IrisSegmentLib.errors import Cancelled, InputError
+from IrisSegmentLib.slicer_logic.dialogs import ensure_torch, finished_job, guarded
+from IrisSegmentLib.slicer_logic.worker import Job, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_REQUIREMENT = ">=2.2"  # the panel's (IrisSegment.py); test_the_panel_calls_the_tested_functions checks it
@@ -101,6 +102,58 @@ def test_a_successful_action_returns_its_value_and_shows_nothing():
     assert guarded(lambda: [], "Export to file", messages.append) == []  # a falsy value is still a success
     assert guarded(lambda: "Restored 'Output'.", "Undo", messages.append) == "Restored 'Output'."
     assert messages == []
+
+
+# ------------------------------------------------------------------ finished_job: a background job's end
+def _ended(work, finish=lambda value: value) -> Job:
+    """A Job run to its end on a real worker thread, as the panel's Segment/Tune jobs are."""
+    worker = Worker()
+    try:
+        job = worker.submit(Job("Segment", work, finish))
+        assert job.wait(30)
+    finally:
+        worker.shutdown(30)
+    return job
+
+
+def test_a_job_that_raised_without_text_is_one_message_naming_the_job(caplog):
+    messages: list[str] = []
+
+    def work(progress, cancelled):
+        raise MemoryError()
+
+    with caplog.at_level(logging.ERROR):
+        assert finished_job(_ended(work).result, "Segment", messages.append) == ("failed", None)
+    assert messages == ["Segment failed: MemoryError. Details are in the Python console."]
+    [record] = caplog.records
+    assert record.exc_info[0] is MemoryError
+
+
+def test_a_job_refused_for_its_input_shows_the_reason_only():
+    messages: list[str] = []
+
+    def work(progress, cancelled):
+        raise InputError("the reference segmentation is empty: paint at least one segment.")
+
+    assert finished_job(_ended(work).result, "Segment", messages.append) == ("failed", None)
+    assert messages == ["the reference segmentation is empty: paint at least one segment."]
+
+
+def test_a_cancelled_job_is_silent_and_its_result_dropped():
+    messages: list[str] = []
+    applied: list[str] = []
+
+    def work(progress, cancelled):
+        raise Cancelled("cancelled by the user; nothing was changed.")
+
+    assert finished_job(_ended(work, applied.append).result, "Tune", messages.append) == ("cancelled", None)
+    assert messages == [] and applied == []
+
+
+def test_a_finished_job_hands_back_what_its_finish_step_made():
+    messages: list[str] = []
+    status, outcome = finished_job(_ended(lambda progress, cancelled: 3, lambda value: f"{value} segments").result, "Segment", messages.append)
+    assert (status, outcome, messages) == ("done", "3 segments", [])
 
 
 # ------------------------------------------------------------------ ensure_torch: PyTorch on demand
@@ -199,12 +252,17 @@ def _returned_call(function: ast.FunctionDef, callee: str) -> ast.Call:
 
 
 def test_the_panel_calls_the_tested_functions():
-    """IrisSegment.py's _guarded and _torchReady are these functions with Slicer's message boxes."""
+    """IrisSegment.py's _guarded, _collectJob and _torchReady are these functions with Slicer's message boxes."""
     source = (ROOT / "IrisSegment" / "IrisSegment.py").read_text()
     tree = ast.parse(source)
 
     call = _returned_call(_function(tree, "_guarded"), "guarded")
     assert [ast.unparse(arg) for arg in call.args] == ["action", "what", "slicer.util.errorDisplay"]
+
+    collect = _function(tree, "_collectJob")
+    [call] = [node for node in ast.walk(collect) if isinstance(node, ast.Call) and ast.unparse(node.func) == "finished_job"]
+    assert [ast.unparse(arg) for arg in call.args] == ["job.result", "job.title", "slicer.util.errorDisplay"]
+    assert "errorDisplay" not in ast.unparse(collect).replace("finished_job(job.result, job.title, slicer.util.errorDisplay)", "")
 
     torch_ready = _function(tree, "_torchReady")
     call = _returned_call(torch_ready, "ensure_torch")

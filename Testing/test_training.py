@@ -17,6 +17,7 @@ import torch
 from scipy import ndimage
 
 from IrisSegmentLib.model.iris import IrisModel
+from IrisSegmentLib.training.augment import SliceThickness, thick_slices
 from IrisSegmentLib.training.data import (
     MIN_REFERENCE_VOXELS, UNSEEN_SYNTH_OFFSET, EpisodeSampler, EpisodeStream, load_all, load_set, stack_episodes,
 )
@@ -159,6 +160,33 @@ def test_the_same_voxel_is_foreground_in_one_agnostic_task_and_background_in_ano
         else:
             apart += 1
     assert together and apart, (together, apart)
+
+
+def test_thick_slices_blur_across_one_axis_only() -> None:
+    """A stack acquired with thick slices along one axis: stripes across that axis are averaged away,
+    stripes along the others stay as sharp as they were."""
+    stripes = torch.zeros((1, 24, 24, 24))
+    stripes[:, ::2] = 1.0  # alternating along axis 0
+    assert torch.equal(thick_slices(stripes, 1, 3), stripes) and torch.equal(thick_slices(stripes, 2, 4), stripes)
+    across = thick_slices(stripes, 0, 2)
+    assert across.shape == stripes.shape
+    assert float(across.std()) < 0.1 * float(stripes.std()), "slabs of 2 average the stripes to a flat 0.5"
+
+
+def test_slice_thickness_is_drawn_from_the_seed_along_every_axis() -> None:
+    augment = SliceThickness(probability=0.5)
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 20, 20, 20)).astype(np.float32))
+    axes, untouched = set(), 0
+    for seed in range(40):
+        out = augment(image, seed)
+        assert torch.equal(out, augment(image, seed)), "the same seed gives the same image (exact resume)"
+        if torch.equal(out, image):
+            untouched += 1
+            continue
+        # the blurred axis is the one along which neighbouring voxels became most alike
+        roughness = [float(out.diff(dim=axis + 1).abs().mean()) for axis in range(3)]
+        axes.add(int(np.argmin(roughness)))
+    assert 5 < untouched < 35 and axes == {0, 1, 2}
 
 
 def test_touching_classes_merge_into_one_and_distant_ones_do_not() -> None:

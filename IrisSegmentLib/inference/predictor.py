@@ -175,17 +175,8 @@ class IrisPredictor:
         normalized = self._normalized(image, modality)
         pixels = resample(normalized, image.affine, grid)
         masks = self._class_masks(labels, values, grid, segments)
-        if check_size == "skip":
-            keep = [size >= self.min_class_voxels for size in masks.flatten(1).sum(1).tolist()]
-            if not any(keep):
-                raise InputError(
-                    f"every class of reference label map {labels.name!r} covers fewer than {self.min_class_voxels} voxels "
-                    "of the working grid: label whole structures."
-                )
-            self.skipped_small = [segments[v]["name"] for v, k in zip(values, keep) if not k]
-            values, masks = [v for v, k in zip(values, keep) if k], masks[torch.tensor(keep)]
-        elif check_size == "refuse":
-            self._check_class_sizes(masks, values, segments, labels.name, spacing)
+        if check_size is not None:
+            values, masks = self._large_enough(masks, values, segments, labels.name, spacing, skip=check_size == "skip")
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
@@ -276,17 +267,28 @@ class IrisPredictor:
             pending = [row for row in pending if row not in rows]
         return crops
 
-    def _check_class_sizes(self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float) -> None:
+    def _large_enough(
+        self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float, skip: bool,
+    ) -> tuple[list[int], torch.Tensor]:
+        """The classes (values, masks) that cover at least `min_class_voxels` working voxels. A smaller one is
+        refused, or with `skip` left out and named in `skipped_small` (refused when none is left)."""
         least = self.min_class_voxels
         sizes = masks.flatten(1).sum(1).tolist()
-        small = [f"{segments[v]['name']!r} covers {size:.0f}" for v, size in zip(values, sizes) if size < least]
-        if small:
-            edge = spacing * self.config.stem_stride
-            raise InputError(
-                f"reference label map {name!r}: class {'; class '.join(small)} voxel(s) of the {spacing:.2f} mm working grid, fewer than "
-                f"{least}, the least the model can encode (one voxel of its finest features, {edge:.1f} x {edge:.1f} x {edge:.1f} mm): "
-                "label the whole structure, or leave such classes out (--classes, or untick them)."
-            )
+        keep = [size >= least for size in sizes]
+        if all(keep):
+            return values, masks
+        if skip and any(keep):
+            self.skipped_small = [segments[v]["name"] for v, k in zip(values, keep) if not k]
+            return [v for v, k in zip(values, keep) if k], masks[torch.tensor(keep)]
+        if skip:
+            raise InputError(f"every class of reference label map {name!r} covers fewer than {least} voxels of the working grid: label whole structures.")
+        small = [f"{segments[v]['name']!r} covers {size:.0f}" for v, size, k in zip(values, sizes, keep) if not k]
+        edge = spacing * self.config.stem_stride
+        raise InputError(
+            f"reference label map {name!r}: class {'; class '.join(small)} voxel(s) of the {spacing:.2f} mm working grid, fewer than "
+            f"{least}, the least the model can encode (one voxel of its finest features, {edge:.1f} x {edge:.1f} x {edge:.1f} mm): "
+            "label the whole structure, or leave such classes out (--classes, or untick them)."
+        )
 
     def _check_extent(self, volume: Volume, spacing: float, what: str) -> None:
         """Refuse a volume shorter, along one of its axes, than one voxel of the network's coarsest feature map at

@@ -11,9 +11,9 @@ import contextlib
 import logging
 from typing import Callable, ContextManager, Optional, Protocol, TypeVar
 
-from IrisSegmentLib.errors import IrisError
+from IrisSegmentLib.errors import Cancelled, IrisError
 
-__all__ = ["TorchInstaller", "ensure_torch", "guarded"]
+__all__ = ["TorchInstaller", "ensure_torch", "finished_job", "guarded"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,20 @@ def guarded(action: Callable[[], T], what: str, show_error: Callable[[str], None
         logging.exception("IrisSegment: %s failed", what)
         show_error(f"{what} failed: {_describe(exc)}. Details are in the Python console.")
     return None
+
+
+def finished_job(result: Callable[[], T], what: str, show_error: Callable[[str], None]) -> tuple[str, Optional[T]]:
+    """How a background job ended, from `result` (its Job.result): ("done", its value), ("cancelled", None)
+    with no message (the user asked for it), or ("failed", None) after one message as `guarded` gives it."""
+
+    def outcome() -> tuple[str, Optional[T]]:
+        try:
+            return "done", result()
+        except Cancelled:
+            return "cancelled", None
+
+    ended = guarded(outcome, what, show_error)
+    return ("failed", None) if ended is None else ended
 
 
 class TorchInstaller(Protocol):

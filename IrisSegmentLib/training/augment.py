@@ -1,4 +1,4 @@
-"""Augmentation for episodic training: spatial (composed into resampling), intensity, synthesis."""
+"""Augmentation for episodic training: spatial (composed into resampling), intensity, slice thickness, synthesis."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,6 +44,35 @@ class IntensityAugment:
         return torch.as_tensor(out, dtype=torch.float32)
 
 
+def thick_slices(image: torch.Tensor, axis: int, factor: int) -> torch.Tensor:
+    """`image` (C, I, J, K) as a scan with `factor` times thicker slices along voxel `axis` would show it:
+    averaged over slabs of `factor` voxels there, then interpolated back onto the same grid."""
+    kernel = [1, 1, 1]
+    kernel[axis] = factor
+    pooled = F.avg_pool3d(image[None], kernel, ceil_mode=True)
+    return F.interpolate(pooled, size=image.shape[1:], mode="trilinear", align_corners=False)[0]
+
+
+class SliceThickness:
+    """Now and then, thick slices along one random axis (RandomAnisotropy in TorchIO's terms), drawn
+    afresh for each image, so a reference and its query can be acquired across each other.
+
+    Clinical MR stacks are 2-5 times thicker across their slices than within them, and the slice
+    direction changes from stack to stack (the fetal stacks of ../shared/data are acquired axial,
+    coronal and sagittal). Resampled onto an isotropic working grid, the same brain is then blurred
+    along a different axis in the reference than in the target; without this, the real scans of
+    training show that only as their sets happen to (the CT and most MR sets one direction)."""
+
+    def __init__(self, probability: float = 0.25, factors: tuple[int, int] = (2, 5)) -> None:
+        self.probability, self.factors = probability, factors
+
+    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        if rng.random() >= self.probability:
+            return image
+        return thick_slices(image, int(rng.integers(3)), int(rng.integers(*self.factors)))
+
+
 class LabelSynthesizer:
     """SynthSeg-style image from a label map: a Gaussian intensity per label, blur, bias field,
     lower resolution and noise, then z-scored like a real scan."""
@@ -65,7 +94,7 @@ class LabelSynthesizer:
         image = means[lab] + stds[lab] * torch.from_numpy(rng.standard_normal(lab.shape).astype(np.float32))
         sigma = rng.uniform(0.3, 1.2)
         image = torch.as_tensor(GaussianSmooth(sigma=sigma)(image), dtype=torch.float32)
-        if rng.random() < 0.3:  # thick-slice or low-resolution acquisition
+        if rng.random() < 0.3:  # low-resolution acquisition (thick slices come after, per image: SliceThickness)
             factor = int(rng.integers(2, 4))
             size = image.shape[1:]
             image = F.interpolate(F.avg_pool3d(image[None], factor, ceil_mode=True), size=size, mode="trilinear", align_corners=False)[0]

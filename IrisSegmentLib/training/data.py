@@ -27,7 +27,7 @@ from ..io import read_image, read_label_map
 from ..io.sidecars import parse_label_table
 from ..preprocessing.grid import aligned_grid, fit_grid, resample
 from ..preprocessing.intensity import foreground_box, normalize
-from .augment import IntensityAugment, LabelSynthesizer, random_world_transform
+from .augment import IntensityAugment, LabelSynthesizer, SliceThickness, random_world_transform
 from .tasks import agnostic_regions, merged, random_label_map, smooth_displacement, touching_pair, warp_labels
 
 SPLIT_FILE = Path(__file__).resolve().parents[2] / "Resources" / "splits.json"
@@ -188,6 +188,7 @@ class EpisodeSampler:
         shares = np.array([mix[k] for k in self.kinds])
         self.kind_probs = shares / shares.sum()
         self.augment = IntensityAugment()
+        self.slices = SliceThickness()
         self.synthesizer = LabelSynthesizer()
 
     def class_keys(self) -> list[str]:
@@ -320,8 +321,8 @@ class EpisodeSampler:
         keys: list[str | None], rng: np.random.Generator,
     ) -> Episode:
         seed = int(rng.integers(2**31))
-        ref_img = self.augment(ref_img, seed)
-        query_img = self.augment(query_img, seed + 1)
+        ref_img = self.augment(self.slices(ref_img, seed), seed)
+        query_img = self.augment(self.slices(query_img, seed + 1), seed + 1)
         return Episode(ref_img[None], ref_masks[None], query_img[None], query_masks[None], keys)
 
     def _center(self, case: Case, values: list[int], rng: np.random.Generator, spread: float) -> np.ndarray:
