@@ -90,3 +90,43 @@ def test_the_score_averages_unseen_rows_only_and_skips_what_a_row_lacks() -> Non
         row(g.IN_DISTRIBUTION, self_counted=1.0, one_shot=1.0),
     ]}
     assert g.generalization_score(table) == pytest.approx(np.mean([0.8, 0.4, 0.6, 0.2]))
+
+
+# ---------------------------------------------------------------- campaign.py: which checkpoint ships
+def _scored(step: int, score: float, in_distribution: dict[str, float], strategy: str = "one-shot") -> dict:
+    """A generalization table as generalization.py writes it, reduced to what campaign.py reads."""
+    rows = [{"set": "Prostate_MR", "kind": g.UNSEEN_SET, "summary": {"self_counted": score, "one_shot": score / 2}},
+            {"set": "TotalSeg_CT_example", "kind": g.UNSEEN_CLASSES, "summary": {"self_unseen_classes": None}}]
+    rows += [{"set": name, "kind": g.IN_DISTRIBUTION, "summary": {"one_shot": dice}} for name, dice in in_distribution.items()]
+    return {"model": f"model abc, step {step} (x.safetensors)", "strategy": strategy, "score": score, "rows": rows}
+
+
+def test_a_checkpoint_ships_only_above_the_baseline_everywhere_that_counts(tmp_path):
+    import json
+
+    import campaign
+
+    shipped = {"HeadNeck_CT": 0.670, "Hippocampus_MRI": 0.825, "Abdomen_MRI": 0.859}
+    tables = {
+        "shipped": _scored(9000, 0.075, shipped),
+        "better": _scored(4000, 0.160, {**shipped, "HeadNeck_CT": 0.676}),
+        "forgets": _scored(3000, 0.159, {**shipped, "Abdomen_MRI": 0.850}),
+        "no_gain": _scored(2000, 0.075, shipped),
+        "fitted": _scored(1000, 0.300, shipped, strategy="fit-where-poor"),
+    }
+    for tag, table in tables.items():
+        (tmp_path / f"generalization_{tag}.json").write_text(json.dumps(table))
+    result = campaign.campaign_table("shipped", ["better", "forgets", "no_gain"], tmp_path)
+    verdicts = {row["tag"]: row["verdict"] for row in result["rows"]}
+    assert verdicts["better"] == "ships"
+    assert verdicts["forgets"] == "Abdomen_MRI 0.850 < 0.859"
+    assert verdicts["no_gain"] == "score not above the baseline's"
+    assert [row["step"] for row in result["rows"]] == [9000, 4000, 3000, 2000]
+    with pytest.raises(SystemExit, match="do not compare"):
+        campaign.campaign_table("shipped", ["fitted"], tmp_path)
+    campaign.main(["--baseline", "shipped", "--tags", "better", "forgets", "--name", "test", "--results", str(tmp_path)])
+    text = (tmp_path / "campaign_test.md").read_text()
+    [header] = [line for line in text.splitlines() if line.startswith("| tag |")]
+    assert "| better | 4000 | 0.160 |" in text and "Prostate_MR one-shot" in header
+    assert "TotalSeg_CT_example unseen classes" not in header  # a column with no value in any row is left out
+    assert (tmp_path / "campaign_test.png").stat().st_size > 0
