@@ -6,9 +6,10 @@ invents its own structures, so nothing but the reference can say what to segment
 
 - `random_label_map`: a partition from the argmax of smoothed noise fields plus random blobs down
   to a few voxels, imaged SynthSeg-style; the query is another smoothly deformed view of it.
-- `agnostic_regions`: regions of a real scan with no anatomical name: intensity bands or the scan's
-  own labels, cut by random Voronoi cells and split into connected components. A voxel that is one
-  episode's foreground is the next one's background.
+- `agnostic_regions`: regions of a real scan with no anatomical name: intensity bands, supervoxels
+  merged with similar neighbours (`merged_supervoxels`) or the scan's own labels, cut by random
+  Voronoi cells and split into connected components. A voxel that is one episode's foreground is the
+  next one's background.
 - `touching_pair` / `merged`: the union of two touching classes of a real label map as one class.
 
 All generators are pure functions of the numpy Generator they are given.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from skimage.measure import label as connected_components
+from skimage.segmentation import slic
 
 
 def _smooth_fields(count: int, shape: tuple[int, int, int], coarse: int, rng: np.random.Generator) -> torch.Tensor:
@@ -106,16 +108,51 @@ def voronoi_cells(shape: tuple[int, int, int], cells: int, rng: np.random.Genera
     return padded[: shape[0], : shape[1], : shape[2]]
 
 
+def merged_supervoxels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A partition of `image` (1..N) whose borders follow its own edges, with parts of organ-like size.
+
+    SLIC supervoxels (computed at half resolution, where they cost a third of a second for a 96^3
+    canvas) are merged across a random share of the borders between neighbours of similar mean
+    intensity, so a region is sometimes one supervoxel and sometimes a structure made of several;
+    intensity bands alone follow iso-contours, which run through organs as often as around them."""
+    small = image[::2, ::2, ::2].astype(np.float64)
+    segments = slic(small, n_segments=int(rng.integers(16, 160)), compactness=float(rng.uniform(0.05, 0.5)),
+                    channel_axis=None, start_label=0, enforce_connectivity=True)
+    count = int(segments.max()) + 1
+    means = np.bincount(segments.ravel(), small.ravel(), count) / np.maximum(np.bincount(segments.ravel(), minlength=count), 1)
+    pairs = np.concatenate([np.stack([np.moveaxis(segments, axis, 0)[:-1].ravel(), np.moveaxis(segments, axis, 0)[1:].ravel()], 1) for axis in range(3)])
+    pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], 1), axis=0)
+    parent = np.arange(count)
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    if len(pairs):
+        differences = np.abs(means[pairs[:, 0]] - means[pairs[:, 1]])
+        similar = differences <= np.quantile(differences, rng.uniform(0.1, 0.6))
+        for a, b in pairs[similar & (rng.random(len(pairs)) < rng.uniform(0.3, 0.9))]:
+            parent[root(int(a))] = root(int(b))
+    roots = np.array([root(node) for node in range(count)])
+    labels = np.unique(roots, return_inverse=True)[1].reshape(-1)[segments] + 1
+    full = labels.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    return full[: image.shape[0], : image.shape[1], : image.shape[2]].astype(np.int32)
+
+
 def agnostic_regions(image: np.ndarray, rng: np.random.Generator, labels: np.ndarray | None = None, min_voxels: int = 8) -> np.ndarray:
     """Regions of a real scan that carry no anatomical name, as a label map 1..N (0: unused).
 
-    The base partition is the scan's own label map (when given, half the time) or bands of its
-    smoothed intensity at random quantiles; it is cut by random Voronoi cells most of the time
-    (labels split into parts), then split into connected components. Components smaller than
-    `min_voxels` are dropped.
+    The base partition is the scan's own label map (when given, half the time), its merged supervoxels
+    (`merged_supervoxels`) or bands of its smoothed intensity at random quantiles; it is cut by random
+    Voronoi cells most of the time (labels split into parts), then split into connected components.
+    Components smaller than `min_voxels` are dropped.
     """
     if labels is not None and rng.random() < 0.5:
         base = labels.astype(np.int32)
+    elif rng.random() < 0.5:
+        base = merged_supervoxels(image, rng)
     else:
         smooth = ndimage.gaussian_filter(image.astype(np.float32), sigma=float(rng.uniform(0.5, 2.0)))
         bands = int(rng.integers(2, 7))
