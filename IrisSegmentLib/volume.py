@@ -110,12 +110,12 @@ class Volume:
 
     def looks_like_image(self) -> bool:
         """True for a label map that looks like a scan (a scan given in its place): more than
-        LABEL_MAP_VALUES distinct labels, or more than IMAGE_LIKE_LABELS that few voxels share with their
-        neighbours (see looks_like_label_map)."""
+        IMAGE_LIKE_LABELS labels that few voxels share with their neighbours (see looks_like_label_map).
+        Many labels alone do not make a scan: an instance segmentation (cells, nuclei) holds hundreds,
+        each a patch of equal voxels; how many one reference may hold is the engine's rule."""
         if not _label_like(self.array):
             return False
-        distinct = _distinct_values(self.array)
-        return distinct > LABEL_MAP_VALUES or (distinct > IMAGE_LIKE_LABELS and _flat_share(self.array) < FLAT_SHARE)
+        return _distinct_values(self.array) > IMAGE_LIKE_LABELS and _flat_share(self.array) < FLAT_SHARE
 
     def describe_values(self) -> str:
         """How many distinct values the volume holds and how piecewise constant it is, for messages."""

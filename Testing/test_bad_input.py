@@ -255,6 +255,24 @@ def test_a_reference_class_too_small_to_encode_is_refused(predictor):
     _raises(InputError, "every class", "fewer than 8", "whole structures", call=lambda: predictor.encode_reference(image, only_dots, skip_small=True))
 
 
+def test_an_instance_map_with_more_classes_than_memory_allows_is_a_label_map_asked_to_be_split(predictor):
+    """Hundreds of cells are a label map, not a scan (they were refused as 'looks like a scan'); more
+    than MAX_REFERENCE_CLASSES at once would take the memory of several GB, so the user picks some."""
+    from IrisSegmentLib.inference.predictor import MAX_REFERENCE_CLASSES
+
+    image, _ = case("001")
+    cells = np.zeros(image.shape, np.uint16)
+    corners = [(i, j, k) for i in range(1, image.shape[0] - 3, 4) for j in range(1, image.shape[1] - 3, 4) for k in range(1, image.shape[2] - 3, 4)]
+    assert len(corners) > MAX_REFERENCE_CLASSES
+    for value, (i, j, k) in enumerate(corners[: MAX_REFERENCE_CLASSES + 2], start=1):
+        cells[i:i + 3, j:j + 3, k:k + 3] = value
+    instances = Volume(cells, image.affine, "cells")
+    assert not instances.looks_like_image()
+    _raises(InputError, f"holds {MAX_REFERENCE_CLASSES + 2} classes", f"at most {MAX_REFERENCE_CLASSES}", "--classes",
+            call=lambda: predictor.encode_reference(image, instances))
+    assert predictor.encode_reference(image, instances, classes=[1, 2, 3]).label_values == [1, 2, 3]
+
+
 def test_a_scan_given_as_the_label_map_is_refused(predictor):
     """A uint8 scan read as a label map passes as 100-odd classes (tune took it so); its voxels are not piecewise constant."""
     image, labels = case("001")

@@ -79,6 +79,27 @@ def test_task_tokens_have_one_row_per_class():
     assert tuple(tokens.shape) == (1, 2, config.tokens_per_class, config.token_dim)
 
 
+def test_many_classes_are_encoded_in_chunks_with_the_same_tokens_and_one_encoder_pass():
+    """encode_task runs the task encoder on TASK_CLASSES_PER_PASS classes at a time (memory), which must
+    not change any class's tokens: the task encoder treats every class on its own."""
+    from IrisSegmentLib.model.iris import TASK_CLASSES_PER_PASS
+
+    model = random_model(0)
+    k = 2 * TASK_CLASSES_PER_PASS + 3
+    torch.manual_seed(2)
+    image = torch.randn(1, 1, 32, 32, 32)
+    masks = (torch.rand(1, k, 32, 32, 32) > 0.7).float()
+    with CallCounter(model.encoder) as encoder, CallCounter(model.task_encoder) as task_encoder, torch.no_grad():
+        chunked = model.encode_task(image, masks)
+    assert encoder.calls == 1 and task_encoder.calls == 3
+    with torch.no_grad():
+        whole = model.task_encoder(model.encoder(image), masks)
+        alone = model.task_encoder(model.encoder(image), masks[:, -1:])
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[:, -1:], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_a_training_batch_pads_classes_without_changing_any_episode():
     """Episodes of different K are stacked and padded to one K for batched (oneDNN) convolutions;
     each episode's logits and tokens must equal what it gives alone, unpadded."""

@@ -38,6 +38,11 @@ TUNING_STEPS = 10  # optimiser steps of Tune; why 10 and not more: IrisPredictor
 REFERENCE_FIT_STEPS = 40  # optimiser steps fitting a task to its own reference (fit_to_reference)
 REFERENCE_FIT_RATE = 0.1  # their step size, as a share of the embeddings' RMS (Tune's is 0.025)
 FIT_BELOW = 0.5  # fit_to_reference fits only the classes its reference's own segmentation gets below this Dice
+# The most classes one reference may hand the engine at once. Segmenting holds about 35 MB per class on a
+# 128^3 working grid (343 classes of one reference: 6.0 GB to encode, 12.2 GB to segment), so 128
+# classes (TotalSegmentator's 117 fit) stay near 4.5 GB; an instance map with more cells is segmented
+# in parts (--classes).
+MAX_REFERENCE_CLASSES = 128
 MAX_TUNING_STEPS = 1000  # beyond this a tune runs for hours and, by the measurements in IrisPredictor.tune, fits one patient only
 MEMORY_MIN_SCALE = 0.25  # a memory-bank row below this share of a well-trained row's norm is refused (memory_bank_task)
 INTENSITY_LIMIT = 2.0**40  # MR intensities beyond this are rescaled before normalising (IrisPredictor._normalized)
@@ -163,6 +168,13 @@ class IrisPredictor:
             raise InputError(f"reference label map {labels.name!r} has no labelled voxels: segment at least one structure in it.")
         segments = complete_segments(labels.segments, present)
         values = self._resolve_classes(classes, present, segments, labels.name)
+        if len(values) > MAX_REFERENCE_CLASSES:
+            raise InputError(
+                f"reference label map {labels.name!r} holds {len(values)} classes ({labels.describe_values()}); one reference "
+                f"can hand the engine at most {MAX_REFERENCE_CLASSES} at once (each costs about 35 MB of memory): choose up to "
+                f"{MAX_REFERENCE_CLASSES} of them (--classes, or untick them) and segment the rest in another run. If it is a scan, "
+                "not a label map, give it as the IMAGE."
+            )
         modality = resolve_modality(image.array, modality)
         _report(progress, 0.1, "preparing the reference")
         lo, hi = foreground_box(image.array, modality)
