@@ -177,16 +177,7 @@ class IrisPredictor:
             )
         modality = resolve_modality(image.array, modality)
         _report(progress, 0.1, "preparing the reference")
-        lo, hi = foreground_box(image.array, modality)
-        spacing = fit_spacing(image.affine, lo, hi, self.config.working_size)
-        self._check_extent(image, spacing, "reference")
-        idx = np.argwhere(np.isin(labels.array, values))
-        center_index = (idx.min(0) + idx.max(0)) / 2
-        center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
-        grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
-        normalized = self._normalized(image, modality)
-        pixels = resample(normalized, image.affine, grid)
-        masks = self._class_masks(labels, values, grid, segments)
+        normalized, spacing, grid, pixels, masks = self.reference_on_grid(image, labels, values, segments, modality)
         if check_size is not None:
             values, masks = self._large_enough(masks, values, segments, labels.name, spacing, skip=check_size == "skip")
         _check_cancel(cancel)
@@ -201,6 +192,22 @@ class IrisPredictor:
             tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id,
             [labels.name or image.name or "reference"], fine_tokens=fine_tokens, fine_spacings=fine_spacings,
         )
+
+    def reference_on_grid(
+        self, image: Volume, labels: Volume, values: list[int], segments: dict[int, dict], modality: str,
+    ) -> tuple[torch.Tensor, float, Grid, torch.Tensor, torch.Tensor]:
+        """What the encoder sees of a reference: its normalized image, the working spacing (the body
+        fitted to the working size), the working grid (a crop of that size centred on the classes),
+        the image on that grid (1, *grid) and one mask per class there (K, *grid)."""
+        lo, hi = foreground_box(image.array, modality)
+        spacing = fit_spacing(image.affine, lo, hi, self.config.working_size)
+        self._check_extent(image, spacing, "reference")
+        idx = np.argwhere(np.isin(labels.array, values))
+        center_index = (idx.min(0) + idx.max(0)) / 2
+        center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
+        grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
+        normalized = self._normalized(image, modality)
+        return normalized, spacing, grid, resample(normalized, image.affine, grid), self._class_masks(labels, values, grid, segments)
 
     def _encode_fine(
         self, normalized: torch.Tensor, image: Volume, labels: Volume, values: list[int], masks: torch.Tensor, grid: Grid, cancel: Cancel,
