@@ -1,6 +1,6 @@
 """benchmarks/generalization.py's own rules on tiny synthetic volumes: which cases and pairs it
 takes, how cell instances are merged, which classes the size rule counts, when registration bins a
-thin slab, and the score that ranks checkpoints."""
+thin slab, and the score that ranks checkpoints; and the label propagation of benchmarks/matching_prior.py."""
 from __future__ import annotations
 
 import sys
