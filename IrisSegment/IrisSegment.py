@@ -121,6 +121,7 @@ class IrisSegmentParameterNode:
     allowModalityMismatch: bool = False
     tuneSteps: Annotated[int, WithinRange(1, 1000)] = 10  # the engine's default (TUNING_STEPS in IrisSegmentLib.inference.predictor)
     fitSteps: Annotated[int, WithinRange(0, 1000)] = 40  # fitting poorly followed classes to their reference before use (0: off)
+    matching: bool = True  # reference matching (IrisSegmentLib.inference.matching); off: the network alone
     strategy: str = "one-shot"
     device: str = "auto"
     weights: str = ""  # empty: the bundled model
@@ -357,7 +358,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self) -> None:
         self._cancelOrStart(
             lambda sceneLogic, node: sceneLogic.start_segment(
-                node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch, node.fitSteps
+                node.targetVolume, self._sources(), node.strategy, node.outputSegmentation, node.allowModalityMismatch, node.fitSteps, node.matching
             ),
             "segmentButton",
         )

@@ -183,16 +183,17 @@ def _read_references(references: list[list[str]]):
     return volumes
 
 
-def _encode_references(predictor, volumes, classes, modality, fit_steps: int | None = None):
-    """A task per (image, labels) reference, whose classes the reference's own segmentation gets below
-    FIT_BELOW Dice fitted to it for `fit_steps` optimiser steps (None: REFERENCE_FIT_STEPS; 0: none;
+def _encode_references(predictor, volumes, classes, modality, fit_steps: int | None = None, matching: bool = True):
+    """A task per (image, labels) reference, with its matching memory unless not `matching`; the classes
+    the reference's own segmentation gets below FIT_BELOW Dice are matched (with `matching`) or else
+    fitted to it for `fit_steps` optimiser steps (None: REFERENCE_FIT_STEPS; 0: none;
     IrisPredictor.fit_to_reference); the volumes also serve ensemble calibration."""
     fit_steps = REFERENCE_FIT_STEPS if fit_steps is None else fit_steps
     tasks = []
     for image, labels in volumes:
         bar = _progress_bar(f"encoding {labels.name}")
         try:
-            task = predictor.encode_reference(image, labels, classes, modality, progress=bar)
+            task = predictor.encode_reference(image, labels, classes, modality, progress=bar, matching=matching)
         finally:
             bar.close()
         if fit_steps:
@@ -250,6 +251,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         raise InputError("one-shot takes one reference; use --strategy ensemble or retrieval for several.")
     if args.fit_reference is not None and not args.reference:
         raise InputError("--fit-reference fits embeddings to their reference scans: give --reference IMAGE LABELS (a task file is fitted when it is encoded).")
+    if args.no_matching and not args.reference:
+        raise InputError("--no-matching applies to references being encoded: give --reference IMAGE LABELS (a task file keeps what it was encoded with).")
     if args.top_k is not None and strategy != "retrieval":
         raise InputError(f"--top-k applies to --strategy retrieval only (this run is {strategy}).")
     inputs = [Path(args.target), *[Path(p) for pair in args.reference or [] for p in pair], *[Path(p) for p in args.task or []]]
@@ -264,7 +267,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if strategy == "memory":
         task_or_pool = predictor.memory_bank_task(args.classes)
     else:
-        tasks = _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference) + files
+        tasks = _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference, not args.no_matching) + files
         task_or_pool = tasks if strategy == "retrieval" else _ensemble(predictor, tasks, volumes)
     bar = _progress_bar("segmenting")
     try:
@@ -298,7 +301,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     _check_output(output, [Path(p) for pair in args.reference for p in pair], args.overwrite, kind="task")
     volumes = _read_references(args.reference)
     predictor = _predictor(args)
-    task = _ensemble(predictor, _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference), volumes)
+    task = _ensemble(predictor, _encode_references(predictor, volumes, args.classes, args.modality, args.fit_reference, not args.no_matching), volumes)
     task.save(output)
     print(f"wrote {output}: {len(task.label_values)} classes ({', '.join(task.class_names)}) from {len(args.reference)} reference(s)")
 
@@ -403,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fit-reference", type=_whole_number(0, MAX_TUNING_STEPS, "a number of steps"), default=None, metavar="STEPS",
                        help="before use, fit the embeddings of the classes that the reference's own segmentation gets below Dice "
                             f"{FIT_BELOW} (structures the model does not know) to the reference itself, for STEPS optimiser steps "
-                            f"(network frozen; 0 to {MAX_TUNING_STEPS}, default {REFERENCE_FIT_STEPS}; 0: off)")
+                            f"(network frozen; 0 to {MAX_TUNING_STEPS}, default {REFERENCE_FIT_STEPS}; 0: off); with reference "
+                            "matching such classes are matched instead, so this applies with --no-matching")
+        p.add_argument("--no-matching", action="store_true",
+                       help="the network alone: no reference matching (by default the reference's voxels are matched onto the target "
+                            "along the network's features, which decides the classes the network does not know)")
 
     seg = sub.add_parser("segment", help="segment a target scan from references, task files or the memory bank")
     reference_options(seg, required=False)

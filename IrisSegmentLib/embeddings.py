@@ -16,11 +16,15 @@ import torch
 
 from .errors import InputError, WeightsError
 from .files import check_writable_folder
+from .inference.matching import MatchingMemory
 from .segments import class_terminology
 from .model.serialization import load_tensors, save_tensors
 
 FORMAT = "iris-segment-task"
-FORMAT_VERSION = "1"
+MEMORY_PREFIX = "memory_"
+FINE_MEMORY_PREFIX = "fine_memory_"
+FORMAT_VERSION = "2"  # 2 added the matching memory; files of version 1 load without one
+READABLE_VERSIONS = ("1", "2")
 
 
 def name_key(name: str) -> str:
@@ -62,6 +66,11 @@ class TaskEmbedding:
     # class seen in a crop around it at `fine_spacings` mm; a spacing of 0 means the class has no finer pass.
     fine_tokens: torch.Tensor | None = None
     fine_spacings: list[float] = field(default_factory=list)
+    # Reference matching (inference/matching.py): the references' voxels to match the target against, and per
+    # class the share of the matched prior in its probability (0: the network alone; the rest the network's).
+    memory: MatchingMemory | None = None
+    match_weights: list[float] = field(default_factory=list)
+    fine_memory: MatchingMemory | None = None  # the same for the second pass: the crops around the thin classes, at their fine spacing
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.tokens.shape[0] != len(self.label_values):
@@ -81,6 +90,15 @@ class TaskEmbedding:
             self.fine_spacings = [0.0] * len(self.label_values)
         if self.fine_tokens.shape != self.tokens.shape or len(self.fine_spacings) != len(self.label_values) or min(self.fine_spacings, default=0) < 0:
             raise ValueError("fine_tokens must match tokens and fine_spacings hold one spacing (0: none) per label value")
+        if not self.match_weights:
+            self.match_weights = [0.0] * len(self.label_values)
+        if len(self.match_weights) != len(self.label_values) or not all(0 <= w <= 1 for w in self.match_weights):
+            raise ValueError("match_weights must hold one share in [0, 1] per label value")
+        if self.memory is None and any(self.match_weights):
+            raise ValueError("match_weights above 0 need a matching memory")
+        for memory in (self.memory, self.fine_memory):
+            if memory is not None and memory.masks.shape[0] != len(self.label_values):
+                raise ValueError("a matching memory must hold one row per label value")
 
     @property
     def refined(self) -> list[int]:
@@ -105,7 +123,9 @@ class TaskEmbedding:
         return replace(self, tokens=self.tokens[rows], label_values=values, segments={v: self.segments[v] for v in values if v in self.segments},
                        counts=[self.counts[i] for i in rows], thresholds=[self.thresholds[i] for i in rows],
                        keep_largest=[self.keep_largest[i] for i in rows], fine_tokens=self.fine_tokens[rows],
-                       fine_spacings=[self.fine_spacings[i] for i in rows])
+                       fine_spacings=[self.fine_spacings[i] for i in rows], memory=self.memory.select(rows) if self.memory is not None else None,
+                       match_weights=[self.match_weights[i] for i in rows],
+                       fine_memory=self.fine_memory.select(rows) if self.fine_memory is not None else None)
 
     def class_keys(self) -> list[str]:
         return class_keys(self.label_values, self.segments)
@@ -122,7 +142,9 @@ class TaskEmbedding:
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
         """Context ensemble: per class, the mean of the embeddings of every reference holding it
         (weighted by how many references each already averages); thresholds are averaged the same
-        way and a class keeps only its largest piece if most references say so.
+        way and a class keeps only its largest piece if most references say so. The matching memories are
+        pooled (each class matched against the references that hold it) and a class's matching share
+        averaged over the references that have a memory (task files of format 1 have none).
         `IrisPredictor.calibrated_ensemble` also fits both to the references."""
         if not tasks:
             raise InputError("no references to combine: add at least one reference.")
@@ -140,7 +162,7 @@ class TaskEmbedding:
                     order.append(key)
                     found[key] = []
                 found[key].append((t, row))
-        tokens, values, segments, counts, thresholds, keep_largest, fine_tokens, fine_spacings = [], [], {}, [], [], [], [], []
+        tokens, values, segments, counts, thresholds, keep_largest, fine_tokens, fine_spacings, match_weights = [], [], {}, [], [], [], [], [], []
         for key in order:
             members = found[key]
             weights = torch.tensor([float(t.counts[r]) for t, r in members])
@@ -153,6 +175,9 @@ class TaskEmbedding:
             share = weights / weights.sum()
             thresholds.append(float(torch.tensor([t.thresholds[r] for t, r in members]) @ share))
             keep_largest.append(bool(torch.tensor([float(t.keep_largest[r]) for t, r in members]) @ share > 0.5))
+            matched = [(t, r) for t, r in members if t.memory is not None]
+            matched_weights = torch.tensor([float(t.counts[r]) for t, r in matched])
+            match_weights.append(float(torch.tensor([t.match_weights[r] for t, r in matched]) @ matched_weights / matched_weights.sum()) if matched else 0.0)
             owner, row = members[0]
             value = owner.label_values[row]
             if value in values:
@@ -162,9 +187,15 @@ class TaskEmbedding:
             counts.append(int(weights.sum()))
         spacing = float(torch.tensor([t.spacing for t in tasks]).median())
         sources = [s for t in tasks for s in t.sources]
+        rows_of = [{key: row for row, key in enumerate(t.class_keys())} for t in tasks]
+
+        def pooled(memories: list[MatchingMemory | None]) -> MatchingMemory | None:
+            parts = [(m, [rows.get(key) for key in order]) for m, rows in zip(memories, rows_of) if m is not None]
+            return MatchingMemory.combine(parts) if parts else None
+
         return TaskEmbedding(
             torch.stack(tokens), values, segments, first.modality, spacing, first.model_id, sources, counts, thresholds, keep_largest,
-            torch.stack(fine_tokens), fine_spacings,
+            torch.stack(fine_tokens), fine_spacings, pooled([t.memory for t in tasks]), match_weights, pooled([t.fine_memory for t in tasks]),
         )
 
     def save(self, path: str | Path) -> None:
@@ -181,10 +212,16 @@ class TaskEmbedding:
             "thresholds": json.dumps(self.thresholds),
             "keep_largest": json.dumps(self.keep_largest),
             "fine_spacings": json.dumps(self.fine_spacings),
+            "match_weights": json.dumps(self.match_weights),
         }
+        tensors = {"tokens": self.tokens.float(), "fine_tokens": self.fine_tokens.float()}
+        if self.memory is not None:
+            tensors.update(self.memory.tensors(MEMORY_PREFIX))
+        if self.fine_memory is not None:
+            tensors.update(self.fine_memory.tensors(FINE_MEMORY_PREFIX))
         check_writable_folder(Path(path), "task")
         try:
-            save_tensors(path, {"tokens": self.tokens.float(), "fine_tokens": self.fine_tokens.float()}, meta)
+            save_tensors(path, tensors, meta)
         except OSError as exc:
             raise InputError(f"could not write {path} ({exc.strerror or exc}); nothing was written. Choose a folder you can write to.") from None
 
@@ -195,7 +232,7 @@ class TaskEmbedding:
         tensors, meta = load_tensors(path)
         if meta.get("format") != FORMAT:
             raise WeightsError(f"{path}: not an IrisSegment task file (format {meta.get('format')!r}); create one with 'iris-segment encode' or Save task in Slicer.")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise WeightsError(f"{path}: task format version {meta.get('format_version')} is not supported by this IrisSegment.")
         try:
             segments = {int(k): v for k, v in json.loads(meta["segments"]).items()}
@@ -206,6 +243,9 @@ class TaskEmbedding:
                 list(json.loads(meta.get("keep_largest", "[]"))),  # files written before island removal: keep every piece
                 tensors["fine_tokens"].float() if "fine_tokens" in tensors else None,  # files written before refinement: none
                 [float(s) for s in json.loads(meta.get("fine_spacings", "[]"))],
+                MatchingMemory.from_tensors(tensors, MEMORY_PREFIX),  # format 1: none
+                [float(w) for w in json.loads(meta.get("match_weights", "[]"))],
+                MatchingMemory.from_tensors(tensors, FINE_MEMORY_PREFIX),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{path}: the task file is corrupt ({exc}).") from None

@@ -181,9 +181,10 @@ def test_a_target_too_thin_for_the_network_is_refused(predictor, count, spacing,
     task = predictor.encode_reference(image, labels)
     target, _ = case("003")
     thin = _slices(target, count, spacing)
+    passes = predictor.decoder_passes  # encoding segments the reference to judge the network on it
     _raises(InputError, *words, "needs at least 12.8 mm", "working spacing of 0.80 mm", call=lambda: predictor.segment(thin, task))
     _raises(InputError, "the reference", call=lambda: predictor.encode_reference(thin, Volume(np.ones(thin.shape, np.uint8), thin.affine)))
-    assert predictor.decoder_passes == 0
+    assert predictor.decoder_passes == passes
 
 
 def test_a_target_just_thick_enough_is_segmented(predictor):
@@ -458,10 +459,11 @@ def test_tuning_on_labels_without_the_task_classes(predictor):
 def test_retrieval_top_k_below_one_is_refused_before_any_work(predictor, top_k):
     image, labels = case("001")
     task = predictor.encode_reference(image, labels)
+    passes = predictor.decoder_passes
     target, _ = case("003")
     _raises(InputError, "top-k", "at least 1", call=lambda: predictor.segment_with_retrieval(target, [task], top_k=top_k))
     _raises(InputError, "top-k", call=lambda: predictor.retrieve(target, [task], top_k=top_k))
-    assert predictor.decoder_passes == 0
+    assert predictor.decoder_passes == passes
 
 
 # ---------------------------------------------------------------- memory bank

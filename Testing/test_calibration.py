@@ -70,7 +70,7 @@ def known_probabilities(predictor, monkeypatch):
     truths: dict[int, Volume] = {}
     calls: list[tuple[str, list[str]]] = []
 
-    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False):
+    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False, matching=True):
         _, grid = predictor._working_target(image, task.modality, task.spacing)
         labels = truths[id(image)]
         by_name = {s["name"]: v for v, s in labels.segments.items()}
@@ -88,7 +88,7 @@ def test_calibrated_ensemble_learns_each_threshold_without_its_own_reference(pre
     image, labels = case("004")  # holds only the posterior part, under another label value
     c = (image, Volume(np.where(labels.array == 2, 5, 0).astype(np.uint8), labels.affine, "posterior only", {5: {"name": CLASS_NAMES[2]}}))
     references = [a, b, c]
-    tasks = [predictor.encode_reference(*r) for r in references]
+    tasks = [predictor.encode_reference(*r, matching=False) for r in references]  # no judging pass to record
     for image, labels in references:
         truths[id(image)] = labels
 

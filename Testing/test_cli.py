@@ -142,7 +142,7 @@ def test_retrieval_from_references_and_task_files(capsys, tmp_path, files, weigh
 
 def test_a_task_can_be_fitted_to_its_reference_when_encoded(capsys, tmp_path, files, weights_file):
     plain, fitted = tmp_path / "plain.safetensors", tmp_path / "fitted.safetensors"
-    reference = ["--reference", files["image1"], files["labels1"], "--weights", weights_file]
+    reference = ["--reference", files["image1"], files["labels1"], "--weights", weights_file, "--no-matching"]  # fitting is the network's
     ok(capsys, "encode", *reference, "--fit-reference", "0", "--output", plain)
     ok(capsys, "encode", *reference, "--fit-reference", "3", "--output", fitted)
     assert not torch.equal(TaskEmbedding.load(plain).tokens, TaskEmbedding.load(fitted).tokens)
@@ -150,6 +150,8 @@ def test_a_task_can_be_fitted_to_its_reference_when_encoded(capsys, tmp_path, fi
     output = tmp_path / "seg.nii.gz"
     fails(capsys, "segment", "--task", plain, "--target", files["target"], "--fit-reference", "3", "--output", output,
           "--weights", weights_file, output=output, words=("--reference",))
+    fails(capsys, "segment", "--task", plain, "--target", files["target"], "--no-matching", "--output", output,
+          "--weights", weights_file, output=output, words=("--no-matching", "--reference"))
     fails(capsys, "encode", *reference, "--fit-reference", "-1", "--output", tmp_path / "x.safetensors", words=("steps",))
 
 

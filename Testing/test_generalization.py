@@ -130,24 +130,3 @@ def test_a_checkpoint_ships_only_above_the_baseline_everywhere_that_counts(tmp_p
     assert "| better | 4000 | 0.160 |" in text and "Prostate_MR one-shot" in header
     assert "TotalSeg_CT_example unseen classes" not in header  # a column with no value in any row is left out
     assert (tmp_path / "campaign_test.png").stat().st_size > 0
-
-
-def test_matching_prior_copies_a_reference_onto_itself_and_follows_the_features() -> None:
-    """benchmarks/matching_prior.py: a target voxel takes the labels of the reference voxels whose
-    features it matches, so a scan matched to itself gets its own masks back, and moving the
-    features moves the labels with them."""
-    import torch
-
-    import matching_prior as m
-
-    generator = torch.Generator().manual_seed(0)
-    features = [torch.randn(1, c, *(s,) * 3, generator=generator) for c, s in ((4, 8), (8, 4), (16, 2), (32, 1))]
-    size = (4, 4, 4)
-    reference = m.descriptors(features, size)
-    assert reference.shape == (64, 8 + 16 + 32) and torch.allclose(reference.norm(dim=1), torch.ones(64))
-    masks = (torch.rand(2, 64, generator=generator) > 0.5).float()
-    assert torch.allclose(m.propagate(reference, reference, masks, top_k=4, temperature=0.001, chunk=10), masks, atol=1e-4)
-    shifted = torch.roll(reference, 5, dims=0)  # target voxel i looks like reference voxel i - 5
-    assert torch.allclose(m.propagate(shifted, reference, masks, top_k=1, temperature=1.0), torch.roll(masks, 5, dims=1))
-    assert m.dice(torch.tensor([True, False]), torch.tensor([True, True])) == pytest.approx(2 / 3)
-    assert np.isnan(m.dice(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)))

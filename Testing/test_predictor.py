@@ -81,7 +81,7 @@ def test_tuning_changes_only_the_task_embedding_and_fits_the_correction(predicto
     anatomical one, so tuning must move the result towards it."""
     image, labels = case("001")
     target, _ = case("003")
-    task = predictor.encode_reference(image, labels, classes=[2])
+    task = predictor.encode_reference(image, labels, classes=[2], matching=False)  # the network's own path
     probabilities, grid = predictor.probabilities(target, task)
     confident = float(probabilities[probabilities > 0.5].median())
     corrected = Volume(
@@ -115,7 +115,7 @@ def test_fitting_to_the_reference_changes_only_the_embedding_and_fits_the_refere
     random network's own segmentation shrunk to its confident half, which it can represent; the
     reference's other label (1) is left out of the task and must be ignored."""
     image, labels = case("001")
-    task = predictor.encode_reference(image, labels, classes=[2])
+    task = predictor.encode_reference(image, labels, classes=[2], matching=False)  # the network's own path
     probabilities, grid = predictor.probabilities(image, task)
     confident = float(probabilities[probabilities > 0.5].median())
     shrunk = labels_on_grid(probabilities, grid.affine, Grid(image.shape, image.affine), task.label_values, threshold=confident)
@@ -136,7 +136,7 @@ def test_fitting_leaves_the_classes_the_reference_already_segments_well(predicto
     """By default only classes the reference's own segmentation gets below FIT_BELOW Dice are fitted: what
     the network already follows keeps its embedding (fitting it to one scan costs Dice on the next)."""
     image, labels = case("001")
-    task = predictor.encode_reference(image, labels)
+    task = predictor.encode_reference(image, labels, matching=False)
     scores, _ = predictor._dice_on(task, [(image, labels)])
     low, high = sorted(scores, key=scores.get)
     assert scores[low] < scores[high]
@@ -434,7 +434,7 @@ def test_reference_pool_picks_the_most_cosine_similar_member_per_class():
 
 
 def test_segment_with_retrieval_uses_the_closest_reference_per_class(predictor):
-    tasks = [predictor.encode_reference(*case(c)) for c in ("001", "003", "004")]
+    tasks = [predictor.encode_reference(*case(c), matching=False) for c in ("001", "003", "004")]
     target, _ = case("007")
     result = predictor.segment_with_retrieval(target, tasks)
     pool = ReferencePool(tasks)
@@ -443,7 +443,7 @@ def test_segment_with_retrieval_uses_the_closest_reference_per_class(predictor):
     initial = predictor.segment(target, pool.ensemble())
     found = present_labels(initial.array)
     assert found, "the random network found nothing: pick another seed or target"
-    own = predictor.encode_reference(target, initial, classes=found, modality=pool.modality)
+    own = predictor.encode_reference(target, initial, classes=found, modality=pool.modality, matching=False)
     tokens = pool.ensemble().tokens.clone()
     for row, value in enumerate(own.label_values):
         k = pool.ensemble().label_values.index(value)

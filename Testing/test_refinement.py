@@ -41,7 +41,7 @@ def rod_and_ball() -> tuple[Volume, Volume]:
 
 def test_only_thin_classes_get_a_finer_pass_and_only_where_the_scan_is_finer(predictor, model, rod_and_ball):
     with CallCounter(model.task_encoder) as task_encoder:
-        task = predictor.encode_reference(*rod_and_ball, check_refinement=False)
+        task = predictor.encode_reference(*rod_and_ball, check_refinement=False, matching=False)
     assert task.spacing == pytest.approx(2.5)
     assert task.fine_spacings == [0.0, pytest.approx(2.5 / REFINE_FACTOR)]  # the rod, not the ball
     assert task.refined == [1]
@@ -50,12 +50,12 @@ def test_only_thin_classes_get_a_finer_pass_and_only_where_the_scan_is_finer(pre
     assert not torch.equal(task.fine_tokens[1], task.tokens[1])
 
     # A hippocampus crop (1 mm voxels) is worked on at 0.75 mm already: nothing finer to see.
-    small = predictor.encode_reference(*case("001"), check_refinement=False)
+    small = predictor.encode_reference(*case("001"), check_refinement=False, matching=False)
     assert small.fine_spacings == [0.0, 0.0] and small.refined == []
 
 
 def test_a_task_file_keeps_the_finer_pass_and_older_files_load_without_one(predictor, rod_and_ball, tmp_path):
-    task = predictor.encode_reference(*rod_and_ball, check_refinement=False)
+    task = predictor.encode_reference(*rod_and_ball, check_refinement=False, matching=False)
     path = tmp_path / "task.safetensors"
     task.save(path)
     loaded = TaskEmbedding.load(path)
@@ -74,10 +74,10 @@ def test_a_task_file_keeps_the_finer_pass_and_older_files_load_without_one(predi
 
 
 def test_ensembles_and_selections_carry_the_finer_pass(predictor, rod_and_ball):
-    a = predictor.encode_reference(*rod_and_ball, check_refinement=False)
+    a = predictor.encode_reference(*rod_and_ball, check_refinement=False, matching=False)
     image, labels = rod_and_ball
     b = predictor.encode_reference(Volume(image.array[::-1].copy(), image.affine, "flipped"), Volume(labels.array[::-1].copy(), labels.affine, "flipped", labels.segments),
-                                   check_refinement=False)
+                                   check_refinement=False, matching=False)
     both = TaskEmbedding.ensemble([a, b])
     torch.testing.assert_close(both.fine_tokens[1], (a.fine_tokens[1] + b.fine_tokens[1]) / 2, rtol=0, atol=1e-6)
     assert both.fine_spacings == a.fine_spacings
@@ -109,7 +109,7 @@ def test_an_overlay_replaces_its_classes_only_inside_its_own_grid():
 
 
 def test_the_second_pass_segments_on_the_target_grid_in_extra_decoder_passes(predictor, model, rod_and_ball):
-    task = predictor.encode_reference(*rod_and_ball, check_refinement=False)
+    task = predictor.encode_reference(*rod_and_ball, check_refinement=False, matching=False)
     task = replace(task, thresholds=[0.5, 1e-6])  # the random network's rod: found wherever it fires at all
     scan = rod_and_ball[0]
     shift = np.eye(4)
@@ -133,7 +133,7 @@ def test_the_second_pass_segments_on_the_target_grid_in_extra_decoder_passes(pre
 
 def test_tuning_fits_the_fine_tokens_of_the_corrected_thin_classes(predictor, rod_and_ball):
     """Otherwise the second pass would put back, inside its crops, what tuning corrected in the first."""
-    task = predictor.encode_reference(*rod_and_ball, check_refinement=False)
+    task = predictor.encode_reference(*rod_and_ball, check_refinement=False, matching=False)
     tuned = predictor.tune(task, *rod_and_ball, steps=2, views=0, join_context=False)
     assert not torch.equal(tuned.fine_tokens[1], task.fine_tokens[1])  # the rod's crop was fitted
     assert torch.equal(tuned.fine_tokens[0], task.fine_tokens[0])  # the ball has no finer pass: nothing to fit
@@ -145,9 +145,9 @@ def test_a_thin_class_keeps_its_second_pass_only_where_it_segments_the_reference
     thin = np.zeros_like(labels.array)  # a second thin class: a slab 4 mm thick across the ball
     thin[58:62, 50:110, 50:110] = 3
     many = Volume(np.where(thin > 0, thin, labels.array), labels.affine, "three", {**labels.segments, 3: {"name": "slab"}})
-    unchecked = predictor.encode_reference(image, many, check_refinement=False)
+    unchecked = predictor.encode_reference(image, many, check_refinement=False, matching=False)
     assert unchecked.refined == [1, 2]
-    checked = predictor.encode_reference(image, many)
+    checked = predictor.encode_reference(image, many, matching=False)
     first_pass, both_passes = (predictor.segment(image, unchecked, refine=refine).array for refine in (False, True))
     for row in unchecked.refined:
         value = unchecked.label_values[row]

@@ -386,16 +386,19 @@ def test_saved_task_is_reused_on_other_scans_and_by_a_new_session(head_neck, log
 
 
 def test_fitting_to_the_reference_is_part_of_the_task_and_of_its_reuse(head_neck, logic) -> None:
-    """The panel's "Fit to references": the fitted task is the one the output came from and that Tune
-    starts from; a segment with another number of fit steps never reuses the other's task."""
+    """The panel's "Fit to references" (with "Match references" off; on, the matching decides the classes
+    fitting would fit): the fitted task is the one the output came from and that Tune starts from; a
+    segment with another number of fit steps, or with matching switched, never reuses the other's task."""
     reference = Reference(head_neck.reference, head_neck.reference_segmentation)
-    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0))
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0, matching=False))
     plain = logic.task
-    _run(logic.start_segment(head_neck.target, [reference], fit_steps=2))
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=2, matching=False))
     fitted = logic.task
     assert fitted.class_names == plain.class_names and not torch.equal(fitted.tokens, plain.tokens)
-    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0))
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0, matching=False))
     assert torch.equal(logic.task.tokens, plain.tokens), "the unfitted task comes back from the cache, unchanged"
+    _run(logic.start_segment(head_neck.target, [reference], fit_steps=0))
+    assert plain.memory is None and logic.task.memory is not None and len(logic.task.match_weights) == len(plain.label_values)
     with pytest.raises(InputError, match="steps"):
         _run(logic.start_segment(head_neck.target, [reference], fit_steps=-1))
 

@@ -279,11 +279,14 @@ def test_without_saving_the_editor_state_its_undo_loses_the_users_correction(sam
 # ---------------------------------------------------------------------------------------- scene close
 
 
-def test_closing_the_scene_resets_the_session(mrml_scene, logic) -> None:
+def test_closing_the_scene_resets_the_session(mrml_scene, logic, request) -> None:
     """After File > Close Scene (the panel calls reset() on EndCloseEvent) nothing of the old scene is
     left: no Undo, no task, no Tune history, although the new scene's nodes reuse the old node IDs. A job
     running at the close is cancelled and changes nothing."""
-    mrml_scene.AddObserver(mrml_scene.EndCloseEvent, lambda *args: logic.reset())  # as IrisSegmentWidget.onSceneEndClose
+    observer = mrml_scene.AddObserver(mrml_scene.EndCloseEvent, lambda *args: logic.reset())  # as IrisSegmentWidget.onSceneEndClose
+    # Removed before the logic shuts down and the scene goes: a close event fired later (the scene's own
+    # teardown, or its destruction whenever the garbage collector runs) must not call into a dead logic.
+    request.addfinalizer(lambda: mrml_scene.RemoveObserver(observer))
     first = sample_data.load_sample()
     source = Reference(first.reference, first.reference_segmentation)
     output = _run(logic.start_segment(first.target, [source]))

@@ -154,13 +154,15 @@ def mean_of(values: list[float | None]) -> float | None:
 # ---------------------------------------------------------------- segmenting
 
 
-def segment_pair(predictor, strategy: str, reference, target):
+def segment_pair(predictor, strategy: str, reference, target, matching: bool = True):
     """The strategy's segmentation of `target` from one labelled `reference` (image, labels): every
     reference class the engine can encode in one call (specks below its least class size are left out
     and score as missed). one-shot: the reference's embeddings as encoded; reference-fit: every class
     fitted to the reference first (IrisPredictor.fit_to_reference); fit-where-poor: only the classes the
-    reference's own segmentation gets below FIT_BELOW Dice (fit_to_reference's default)."""
-    task = predictor.encode_reference(*reference, skip_small=True)
+    reference's own segmentation gets below FIT_BELOW Dice (fit_to_reference's default). With `matching`
+    the task keeps the reference's matching memory as encode_reference does by default; without, the
+    network alone segments."""
+    task = predictor.encode_reference(*reference, skip_small=True, matching=matching)
     if strategy == "one-shot":
         return predictor.segment(target, task)
     if strategy == "reference-fit":
@@ -258,7 +260,7 @@ def register(reference, target, settings, binned: list[str] | None = None, allow
 
 
 def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], cases: int, pairs: int, registration: bool,
-                 strategy: str, threads: int, log: Callable[[str], None] = print, binning: bool = True) -> dict:
+                 strategy: str, threads: int, log: Callable[[str], None] = print, binning: bool = True, matching: bool = True) -> dict:
     """Self-segmentation, one-shot and registration records of one set (see the module docstring)."""
     from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
     from IrisSegmentLib.evaluation.evaluate import classes_to_score, heldout_and_training, pick_references
@@ -290,7 +292,7 @@ def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], c
 
     for case_id in self_ids:
         image, labels = case(case_id)
-        prediction, seconds = _run(lambda: segment_pair(predictor, strategy, (image, labels), image), image, row["failures"], f"self {case_id}")
+        prediction, seconds = _run(lambda: segment_pair(predictor, strategy, (image, labels), image, matching), image, row["failures"], f"self {case_id}")
         records = class_records(prediction, labels, dataset.label_names, classes_to_score(labels, sorted(dataset.label_names)),
                                 unseen, voxel_rule)
         row["self"].append({"case": case_id, "seconds": seconds, "classes": records})
@@ -301,7 +303,7 @@ def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], c
         reference = case(reference_id, merge=instances)
         target_image, truth = case(target_id, merge=instances)
         values = classes_to_score(truth, sorted(names))
-        jobs = [("one_shot", lambda: segment_pair(predictor, strategy, reference, target_image))]
+        jobs = [("one_shot", lambda: segment_pair(predictor, strategy, reference, target_image, matching))]
         if registration:
             jobs.append(("registration", lambda: register(reference, target_image, settings, binned, binning and kind != IN_DISTRIBUTION)))
         line, binned = [], []
@@ -363,7 +365,7 @@ def generalization_score(table: dict) -> float | None:
 
 def generalization_table(weights: str | Path | None = None, sets: list[str] | None = None, data: Path = DATA, cases: int = 6,
                          pairs: int = 6, threads: int = 1, registration: bool = True, strategy: str = "one-shot",
-                         log: Callable[[str], None] = print, binning: bool = True) -> dict:
+                         log: Callable[[str], None] = print, binning: bool = True, matching: bool = True) -> dict:
     """Every row of the benchmark for one weights file (None: the bundled model), with per-case and
     per-class records, and its score (`generalization_score`)."""
     import torch
@@ -386,15 +388,15 @@ def generalization_table(weights: str | Path | None = None, sets: list[str] | No
     model = load_model(weights, "cpu")
     predictor = IrisPredictor(model)
     note = f"model {model.model_id}, step {model.provenance.get('steps', '?')} ({model.weights_path})"
-    log(f"{note}; strategy {strategy}; {threads} thread(s)")
+    log(f"{note}; strategy {strategy}{'' if matching else ', network alone'}; {threads} thread(s)")
     start = time.perf_counter()
     rows = []
     for name in [s for s in kinds if s in sets]:  # table order
         set_start = time.perf_counter()
         rows.append(evaluate_set(predictor, Path(data) / name, kinds[name], {c.lower() for c in unseen_classes}, cases, pairs,
-                                 registration, strategy, threads, log, binning))
+                                 registration, strategy, threads, log, binning, matching))
         rows[-1]["wall_seconds"] = time.perf_counter() - set_start
-    table = {"model": note, "model_id": model.model_id, "weights": str(model.weights_path), "strategy": strategy,
+    table = {"model": note, "model_id": model.model_id, "weights": str(model.weights_path), "strategy": strategy, "matching": matching,
              "cases": cases, "pairs": pairs, "threads": threads, "registration": registration, "binning": binning, "unseen_classes": unseen_classes,
              "rows": rows, "wall_seconds": time.perf_counter() - start}
     table["score"] = generalization_score(table)
@@ -497,7 +499,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_ylim(0, 1.12)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("mean Dice")
-    ax.set_title(f"Generalization ({table['strategy']}): {Path(table['weights']).name}, score {_fmt(table['score'])}", fontsize=9, pad=18)
+    ax.set_title(f"Generalization ({table['strategy']}{'' if table.get('matching', True) else ', network alone'}): {Path(table['weights']).name}, score {_fmt(table['score'])}", fontsize=9, pad=18)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -525,15 +527,24 @@ def main() -> None:
     p.add_argument("--no-registration", action="store_true", help="skip the registration baseline (quick checkpoint comparisons)")
     p.add_argument("--no-binning", action="store_true", help="register thin slabs of unseen sets at full resolution too (slow: ~200 s a fetal pair)")
     p.add_argument("--strategy", choices=STRATEGIES, default="one-shot")
+    p.add_argument("--no-matching", action="store_true", help="the network alone: tasks without reference matching (inference/matching.py)")
+    p.add_argument("--known-share", type=float, default=None,
+                   help="matching's share of the classes the network knows (default: the engine's KNOWN_MATCH_WEIGHT)")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.cases < 1 or args.pairs < 0:
         raise SystemExit("--cases must be at least 1 and --pairs at least 0")
+    if args.known_share is not None:
+        if not 0 <= args.known_share <= 1:
+            raise SystemExit("--known-share is a share: 0 to 1")
+        import IrisSegmentLib.inference.predictor as engine
+
+        engine.KNOWN_MATCH_WEIGHT = args.known_share
     table = generalization_table(args.weights, args.sets, args.data, args.cases, args.pairs, args.threads, not args.no_registration, args.strategy,
-                                 binning=not args.no_binning)
+                                 binning=not args.no_binning, matching=not args.no_matching)
     table["command"] = " ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]])
     save_results(args.output / f"generalization_{args.tag or default_tag(args.weights)}", "Generalization to unseen structures",
-                 f"strategy {table['strategy']}", table, markdown(table), plot)
+                 f"strategy {table['strategy']}{'' if table['matching'] else ', network alone (no reference matching)'}", table, markdown(table), plot)
 
 
 def save_results(stem: Path, title: str, settings: str, table: dict, text: str, plot_to: Callable[[dict, Path], None]) -> None:

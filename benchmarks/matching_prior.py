@@ -1,17 +1,19 @@
-"""Dense matching of the reference: how far does copying its labels along encoder features go?
+"""Reference matching against the network, and the ways to combine the two, on the working grid.
 
-The network segments unseen structures poorly even on their own scan (self-segmentation Dice 0.04-0.46
-in benchmarks/results/generalization_*.md) while its encoder features still tell the places of a scan
-apart. This benchmark measures a label-propagation prior that uses no training at all: every voxel of
-the target's feature map (stride 4: the encoder's stride-4, -8 and -16 maps, each L2-normalised, the
-coarser ones upsampled, concatenated) takes its `--top-k` most similar voxels of the reference's, and
-the softmax of their cosine similarity / `--temperature` weighs the reference's class masks there
-(average-pooled to the same stride); the result is upsampled to the working grid. Columns:
+The network segments unseen structures poorly even on their own scan while its encoder features still
+tell the places of a scan apart; the engine's reference matching (IrisSegmentLib/inference/matching.py)
+copies the reference's labels along those features: every target voxel at stride 4 takes its `--top-k`
+most similar reference voxels and the softmax of their cosine similarity / `--temperature` weighs the
+reference's class masks there. This benchmark chose how. Columns (the network encoded without matching):
 
 - model: the network's first pass (IrisPredictor.probabilities, one-shot, no second pass), > 0.5;
-- match/4: the prior, reference and target both at stride 4; match/8: the reference at stride 8
-  (8 times fewer voxels to store and to search), the target at stride 4;
-- mean: the average of the model's probability and match/4's.
+- match/4: matching with every reference voxel at stride 4; match/8: with the reference at stride 8
+  (8 times fewer voxels to store and to search); memory: with what a task keeps
+  (MatchingMemory.of_reference: stride 4 near the classes, stride 8 elsewhere);
+- mean: the average of the model's probability and match/4's; max: the larger of the two;
+- gated: per class, the model where it segments the reference itself with Dice >= KNOWS (a class it
+  knows), match/4 elsewhere; gated-mean: the same with mean in place of the model (what the engine does:
+  IrisPredictor._judge_on_reference, judged there on the reference's own grid with both passes).
 
 Pairs as benchmarks/generalization.py picks them: unseen sets (splits.json) self-segmentation on
 `--cases` cases and one-shot on cyclic pairs of `--pairs` cases (Cells_Confocal's cells merged into one
@@ -37,31 +39,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from IrisSegmentLib.inference.matching import TEMPERATURE, TOP_K  # noqa: E402
 from generalization import (  # noqa: E402
     DATA, IN_DISTRIBUTION, RESULTS, UNSEEN_SET, all_sets, cyclic_pairs, default_tag, evenly_spaced, merged, save_results,
 )
 
-COLUMNS = ("model", "match/4", "match/8", "mean")
-DESCRIPTOR_LEVELS = (1, 2, 3)  # encoder stages (strides 4, 8, 16) whose features describe a voxel
-
-
-def descriptors(features: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
-    """(N, C) unit vectors, one per voxel of a `size` grid: the chosen stages, each normalised, concatenated."""
-    parts = [F.normalize(F.interpolate(features[level], size=size, mode="trilinear", align_corners=False)
-                         if tuple(features[level].shape[2:]) != tuple(size) else features[level], dim=1)
-             for level in DESCRIPTOR_LEVELS]
-    return F.normalize(torch.cat(parts, 1), dim=1)[0].flatten(1).T
-
-
-def propagate(target: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, top_k: int, temperature: float,
-              chunk: int = 4096) -> torch.Tensor:
-    """(K, N_target): each target voxel's softmax-weighted vote of its top_k nearest reference voxels' masks (K, N_ref)."""
-    votes = []
-    for start in range(0, target.shape[0], chunk):
-        similarity, nearest = (target[start:start + chunk] @ reference.T).topk(min(top_k, reference.shape[0]), dim=1)
-        weights = torch.softmax(similarity / temperature, 1)
-        votes.append((masks[:, nearest] * weights[None]).sum(-1))
-    return torch.cat(votes, 1)
+COLUMNS = ("model", "match/4", "match/8", "memory", "mean", "max", "gated", "gated-mean")
+KNOWS = 0.5  # the network's Dice on its own reference from which a class counts as one it knows (the gated columns)
 
 
 def dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
@@ -69,12 +53,13 @@ def dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
     return float(2 * (prediction & truth).sum() / total) if total > 0 else float("nan")
 
 
-def score_pair(predictor, reference, target, top_k: int, temperature: float) -> dict:
+def score_pair(predictor, reference, target) -> dict:
     """Dice of each column for one (reference, target) pair, and the prior's seconds."""
+    from IrisSegmentLib.inference.matching import MatchingMemory, _vote, descriptors
     from IrisSegmentLib.segments import complete_segments
 
     (image, labels), (target_image, target_labels) = reference, target
-    task = predictor.encode_reference(image, labels, skip_small=True, check_refinement=False)
+    task = predictor.encode_reference(image, labels, skip_small=True, check_refinement=False, matching=False)
     segments = complete_segments(labels.segments, task.label_values)
     _, _, _, pixels, masks = predictor.reference_on_grid(image, labels, task.label_values, segments, task.modality)
     probabilities, grid = predictor.probabilities(target_image, task)
@@ -83,19 +68,26 @@ def score_pair(predictor, reference, target, top_k: int, temperature: float) -> 
     started = time.perf_counter()
     with torch.no_grad():
         ref_features, target_features = predictor.model.encoder(pixels[None]), predictor.model.encoder(target_pixels[None])
-        size = tuple(target_features[1].shape[2:])
-        queries = descriptors(target_features, size)
+        queries, keys = descriptors(target_features)[0], descriptors(ref_features)[0]
+        size = tuple(queries.shape[1:])
+        shares = F.adaptive_avg_pool3d(masks[None], tuple(keys.shape[1:]))[0]
+        coarse_keys, coarse_shares = F.normalize(F.avg_pool3d(keys[None], 2)[0], dim=0), F.avg_pool3d(shares[None], 2)[0]
         priors = {}
-        for column, level in (("match/4", 1), ("match/8", 2)):
-            ref_size = tuple(ref_features[level].shape[2:])
-            votes = propagate(queries, descriptors(ref_features, ref_size), F.adaptive_avg_pool3d(masks[None], ref_size)[0].flatten(1),
-                              top_k, temperature)
+        for column, (k, m) in (("match/4", (keys, shares)), ("match/8", (coarse_keys, coarse_shares))):
+            votes = _vote(queries.flatten(1).T, k.flatten(1).T, m.flatten(1))
             priors[column] = F.interpolate(votes.reshape(1, -1, *size), size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]
+        memory = MatchingMemory.of_reference(ref_features, masks)
+        priors["memory"] = F.interpolate(memory.prior(target_features, size)[None], size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]
     seconds = time.perf_counter() - started
-    maps = {"model": probabilities, **priors, "mean": (probabilities + priors["match/4"]) / 2}
+    reference_probabilities, reference_grid = predictor.probabilities(image, task)
+    reference_truth = predictor._truth_on_grid(labels, reference_grid, task.label_values).bool()
+    knows = torch.tensor([dice(reference_probabilities[k] > 0.5, reference_truth[k]) >= KNOWS for k in range(len(task.label_values))])[:, None, None, None]
+    mean = (probabilities + priors["match/4"]) / 2
+    maps = {"model": probabilities, **priors, "mean": mean, "max": torch.maximum(probabilities, priors["match/4"]),
+            "gated": torch.where(knows, probabilities, priors["match/4"]), "gated-mean": torch.where(knows, mean, priors["match/4"])}
     present = [k for k in range(len(task.label_values)) if truth[k].any()]
     return {**{c: float(np.mean([dice(maps[c][k] > 0.5, truth[k]) for k in present])) if present else None for c in COLUMNS},
-            "prior_seconds": seconds}
+            "prior_seconds": seconds, "memory_voxels": int(memory.keys.shape[0])}
 
 
 def pairs_of(dataset, name: str, kind: str, cases: int, pairs: int) -> list[tuple[str, str, str]]:
@@ -115,10 +107,12 @@ def pairs_of(dataset, name: str, kind: str, cases: int, pairs: int) -> list[tupl
 def matching_table(weights: Path | None, sets: list[str] | None, data: Path, cases: int, pairs: int, top_k: int, temperature: float,
                    threads: int) -> dict:
     from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
+    from IrisSegmentLib.inference import matching
     from IrisSegmentLib.inference.predictor import IrisPredictor
     from IrisSegmentLib.model.weights import load_model
 
     torch.set_num_threads(threads)
+    matching.TOP_K, matching.TEMPERATURE = top_k, temperature  # the engine's constants, for a sweep
     started = time.perf_counter()
     model = load_model(weights, device="cpu")
     predictor = IrisPredictor(model)
@@ -136,7 +130,7 @@ def matching_table(weights: Path | None, sets: list[str] | None, data: Path, cas
 
         for what, reference_id, target_id in pairs_of(dataset, name, kinds[name], cases, pairs):
             merge = name == "Cells_Confocal"
-            scores = score_pair(predictor, case(reference_id, merge), case(target_id, merge), top_k, temperature)
+            scores = score_pair(predictor, case(reference_id, merge), case(target_id, merge))
             rows.append({"set": name, "kind": kinds[name], "what": what, "reference": reference_id, "target": target_id, **scores})
             print(f"  {name} {what} {reference_id} -> {target_id}: " + ", ".join(f"{c} {scores[c]:.3f}" for c in COLUMNS), flush=True)
     note = f"model {model.model_id}, step {model.provenance.get('steps', '?')} ({model.weights_path})"
@@ -160,8 +154,10 @@ def markdown(table: dict) -> str:
         cells = [f"**{means[c]:.3f}**" if means[c] == best else f"{means[c]:.3f}" for c in COLUMNS]
         lines.append(f"| {name} | {kind} | {what} | {n} | " + " | ".join(cells) + " |")
     seconds = [r["prior_seconds"] for r in table["rows"]]
-    lines.append(f"\nThe prior (both strides) took {np.median(seconds):.1f} s per pair (median) on {table['threads']} thread(s); "
-                 f"top-k {table['top_k']}, temperature {table['temperature']}.")
+    kept = [r["memory_voxels"] for r in table["rows"]]
+    lines.append(f"\nThe three priors took {np.median(seconds):.1f} s per pair (median) on {table['threads']} thread(s); "
+                 f"top-k {table['top_k']}, temperature {table['temperature']}; a task's memory kept {min(kept)} to {max(kept)} voxels "
+                 f"(all of a 128^3 reference at stride 4: 32768).")
     return "\n".join(lines)
 
 
@@ -192,8 +188,8 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=None, help="a subset of generalization.py's sets (default: all)")
     p.add_argument("--cases", type=int, default=2, help="self-segmented cases per set; held-out targets per in-distribution set")
     p.add_argument("--pairs", type=int, default=3, help="cases in the cycle of one-shot pairs per unseen set")
-    p.add_argument("--top-k", type=int, default=8, help="reference voxels each target voxel votes with (1, 4 and 8 at a sharp --temperature score alike; 64 at 0.1 far lower)")
-    p.add_argument("--temperature", type=float, default=0.01, help="softmax temperature of the cosine similarities (16 at 0.05 scored Fetal one-shot 0.285, 8 at 0.01 0.360)")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="reference voxels each target voxel votes with (1, 4 and 8 at a sharp --temperature score alike; 64 at 0.1 far lower)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="softmax temperature of the cosine similarities (16 at 0.05 scored Fetal one-shot 0.285, 8 at 0.01 0.360)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default=None, help="output name matching_prior_<tag> (default: 'shipped' or the weights file's name)")
     p.add_argument("--output", type=Path, default=RESULTS)

@@ -27,6 +27,7 @@ from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
 from .calibration import choose_keep_largest, choose_thresholds, dice_by_threshold, island_gains, mask_dice
 from .islands import drop_islands
+from .matching import MatchingMemory
 from .retrieval import ReferencePool
 from .views import augmented_views
 
@@ -38,6 +39,13 @@ TUNING_STEPS = 10  # optimiser steps of Tune; why 10 and not more: IrisPredictor
 REFERENCE_FIT_STEPS = 40  # optimiser steps fitting a task to its own reference (fit_to_reference)
 REFERENCE_FIT_RATE = 0.1  # their step size, as a share of the embeddings' RMS (Tune's is 0.025)
 FIT_BELOW = 0.5  # fit_to_reference fits only the classes its reference's own segmentation gets below this Dice
+# Reference matching's share of a class's probability (inference/matching.py, IrisPredictor._judge_on_reference): all
+# of it for a class the network segments its own reference below FIT_BELOW Dice with, this much for the others.
+# On the generalization benchmark's pairs (shipped model, one-shot) shares 0 / 0.25 / 0.5 scored held-out HeadNeck
+# 0.672 / 0.670 / 0.642, Hippocampus 0.825 / 0.824 / 0.820, Abdomen 0.859 / 0.863 / 0.867, Cells_Confocal (unseen,
+# where the network knows some cells) 0.265 / 0.269 / 0.282: a quarter keeps the trained structures where they were.
+KNOWN_MATCH_WEIGHT = 0.25
+MATCH_SEED = 0.1  # the least first-pass probability that seeds a matched class's second pass (IrisPredictor._seed_level)
 # The most classes one reference may hand the engine at once. Segmenting holds about 35 MB per class on a
 # 128^3 working grid (343 classes of one reference: 6.0 GB to encode, 12.2 GB to segment), so 128
 # classes (TotalSegmentator's 117 fit) stay near 4.5 GB; an instance map with more cells is segmented
@@ -75,6 +83,11 @@ def _device_memory():
         raise DeviceError("the GPU ran out of memory: close other GPU programs, or choose the CPU.") from None
 
 
+def _check_steps(steps: int) -> None:
+    if not 1 <= steps <= MAX_TUNING_STEPS:
+        raise InputError(f"the number of tuning steps must be at least 1 and at most {MAX_TUNING_STEPS} (default {TUNING_STEPS}); got {steps}.")
+
+
 def _check_cancel(cancel: Cancel) -> None:
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user; nothing was written.")
@@ -106,42 +119,62 @@ class IrisPredictor:
         cancel: Cancel = None,
         skip_small: bool = False,
         check_refinement: bool = True,
+        matching: bool = True,
     ) -> TaskEmbedding:
         """All chosen classes of one reference -> one task embedding (one encoder pass, and one per crop
         around its thin classes for the second pass: `_encode_fine`).
 
-        With `check_refinement` the reference is then segmented both ways, and a thin class keeps its
-        second pass only where that segments the reference itself better than the first pass alone
-        (`_keep_helpful_refinement`).
+        With `matching` the task also keeps the reference's matching memory (inference/matching.py),
+        and the network segments the reference to judge, per class, how much the matching decides. With
+        `check_refinement` a thin class keeps its second pass only where that segments the reference
+        itself better than the first pass alone (both: `_judge_on_reference`).
 
         A class must cover at least `min_class_voxels` voxels of the working grid: the volume of one
         voxel of the encoder's finest feature map. A smaller one (a stray click, a single marked voxel)
         gives an embedding of a point, not of a structure, and is refused; with `skip_small` it is left
         out of the task instead (a reference with hundreds of instances, some of them specks), and
         `skipped_small` names what was left out."""
-        task = self._encode(image, labels, classes, modality, progress, cancel, check_size="skip" if skip_small else "refuse")
-        return self._keep_helpful_refinement(task, image, labels, cancel) if check_refinement else task
-
-    def _keep_helpful_refinement(self, task: TaskEmbedding, image: Volume, labels: Volume, cancel: Cancel) -> TaskEmbedding:
-        """`task` with the second pass dropped for each thin class it does not improve on the reference
-        itself (Dice on the reference's own grid, first pass vs both). Some structures lose at the finer
-        spacing even there: on HeadNeck_CT's references the larynx fell from 0.50 to 0.44, 0.49 to 0.19
-        and 0.54 to 0.18 and the esophagus to 0, and over the 51 held-out cases the larynx from 0.416 to
-        0.305 while the spinal cord rose from 0.610 to 0.665 (benchmarks/refinement.py)."""
-        if not task.refined:
+        task = self._encode(image, labels, classes, modality, progress, cancel, check_size="skip" if skip_small else "refuse", matching=matching)
+        if not (matching or check_refinement and task.refined):
             return task
-        probabilities, grid = self.probabilities(image, task, cancel=cancel)
+        return self._judge_on_reference(task, image, labels, matching, check_refinement, cancel)
+
+    def _judge_on_reference(
+        self, task: TaskEmbedding, image: Volume, labels: Volume, matching: bool, check_refinement: bool, cancel: Cancel,
+    ) -> TaskEmbedding:
+        """`task` set up by how the network alone segments its own reference (the matching would find the
+        reference in itself): Dice on the reference's grid of the first pass and, for thin classes, of both.
+
+        With `check_refinement` a thin class keeps its second pass only where both passes beat the first
+        alone. Some structures lose at the finer spacing even there: on HeadNeck_CT's references the
+        larynx fell from 0.50 to 0.44, 0.49 to 0.19 and 0.54 to 0.18 and the esophagus to 0, and over the
+        51 held-out cases the larynx from 0.416 to 0.305 while the spinal cord rose from 0.610 to 0.665
+        (benchmarks/refinement.py).
+
+        With `matching` a class the network segments below FIT_BELOW Dice that way is one it does not
+        know: the reference matching decides it alone (share 1), in the second pass too (a thin class is
+        matched again at the finer spacing, against the reference's crop: `_encode_fine`), which the
+        network's Dice cannot judge. The others get KNOWN_MATCH_WEIGHT of the matching's prior. Matching everything lost HeadNeck's thin organs,
+        which vanish on the matching's stride-4 grid (benchmarks/results/matching_prior_shipped_gates.md:
+        0.070 against the network's 0.618)."""
+        probabilities, grid = self.probabilities(image, task, cancel=cancel, matching=False)
         onto = Grid(image.shape, image.affine)
         first = self._label_map(task, probabilities, grid, onto)
-        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel))
+        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel)) if task.refined else first
         truth = np.asarray(labels.array)
-        spacings, fine_tokens = list(task.fine_spacings), task.fine_tokens.clone()
-        for row in task.refined:
-            value = task.label_values[row]
+        spacings, fine_tokens, shares = list(task.fine_spacings), task.fine_tokens.clone(), list(task.match_weights)
+        for row, value in enumerate(task.label_values):
             true = torch.from_numpy(truth == value)
-            if mask_dice(torch.from_numpy(both == value), true) <= mask_dice(torch.from_numpy(first == value), true):
+            score = mask_dice(torch.from_numpy(first == value), true)
+            helps = row in task.refined and mask_dice(torch.from_numpy(both == value), true) > score
+            if helps:
+                score = mask_dice(torch.from_numpy(both == value), true)
+            unknown = matching and score < FIT_BELOW
+            if matching:
+                shares[row] = 1.0 if unknown else KNOWN_MATCH_WEIGHT
+            if row in task.refined and check_refinement and not helps and not unknown:
                 spacings[row], fine_tokens[row] = 0.0, 0.0
-        return replace(task, fine_spacings=spacings, fine_tokens=fine_tokens)
+        return replace(task, fine_spacings=spacings, fine_tokens=fine_tokens, match_weights=shares)
 
     @property
     def min_class_voxels(self) -> int:
@@ -150,10 +183,11 @@ class IrisPredictor:
 
     def _encode(
         self, image: Volume, labels: Volume, classes: list[int | str] | None, modality: str | None,
-        progress: Progress, cancel: Cancel, check_size: str | None,
+        progress: Progress, cancel: Cancel, check_size: str | None, matching: bool,
     ) -> TaskEmbedding:
-        """`encode_reference`; `check_size` "refuse" or "skip" (see there), None for a corrected scan
-        joining a task (Tune takes its classes as the user left them)."""
+        """`encode_reference` up to its checks on the reference (the matching memory kept, its share not
+        yet judged); `check_size` "refuse" or "skip" (see there), None for a corrected scan joining a task
+        (Tune takes its classes as the user left them)."""
         self.skipped_small = []
         image.check_image()
         labels.check_label_map()
@@ -183,14 +217,17 @@ class IrisPredictor:
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
-            tokens = self.model.encode_task(pixels[None], masks[None])[0]
+            features = self.model.encoder(pixels[None])
+            tokens = self.model.task_tokens(features, masks[None])[0]
+            memory = MatchingMemory.of_reference(features, masks) if matching else None
         _report(progress, 0.7, "encoding small classes at a finer spacing")
-        fine_tokens, fine_spacings = self._encode_fine(normalized, image, labels, values, masks, grid, cancel)
+        fine_tokens, fine_spacings, fine_memory = self._encode_fine(normalized, image, labels, values, masks, grid, cancel, matching)
         self.references_encoded += 1
         _report(progress, 1.0, "reference encoded")
         return TaskEmbedding(
             tokens.float().cpu(), values, {v: segments[v] for v in values}, modality, spacing, self.model_id,
-            [labels.name or image.name or "reference"], fine_tokens=fine_tokens, fine_spacings=fine_spacings,
+            [labels.name or image.name or "reference"], fine_tokens=fine_tokens, fine_spacings=fine_spacings, memory=memory,
+            fine_memory=fine_memory,
         )
 
     def reference_on_grid(
@@ -211,24 +248,30 @@ class IrisPredictor:
 
     def _encode_fine(
         self, normalized: torch.Tensor, image: Volume, labels: Volume, values: list[int], masks: torch.Tensor, grid: Grid, cancel: Cancel,
-    ) -> tuple[torch.Tensor, list[float]]:
+        matching: bool,
+    ) -> tuple[torch.Tensor, list[float], MatchingMemory | None]:
         """Each thin class of the reference encoded again in a crop around it at a finer spacing (classes
-        close together share a crop): the tokens the second pass of `segment` uses. A class that is not
-        thin, or a reference whose own voxels are no finer than the working grid's, gets none (spacing 0)."""
+        close together share a crop): the tokens the second pass of `segment` uses and, with `matching`,
+        the crops' matching memory (each crop a reference of its classes). A class that is not thin, or a
+        reference whose own voxels are no finer than the working grid's, gets none (spacing 0)."""
         spacings = [0.0] * len(values)
         fine_tokens = torch.zeros((len(values), self.config.tokens_per_class, self.config.token_dim))
         spacing = self._fine_spacing(image, float(grid.spacing[0]))
         if not spacing:
-            return fine_tokens, spacings
+            return fine_tokens, spacings, None
         boxes = {row: box for row, box in enumerate(_world_boxes(masks, grid)) if box is not None and self._thin(box, float(grid.spacing[0]))}
+        memories = []
         for crop, rows in self._fine_crops(boxes, spacing):
             _check_cancel(cancel)
             truth = self._truth_on_grid(labels, crop, [values[r] for r in rows])
             with torch.no_grad(), _device_memory():
-                tokens = self.model.encode_task(resample(normalized, image.affine, crop)[None], truth[None])[0]
+                features = self.model.encoder(resample(normalized, image.affine, crop)[None])
+                tokens = self.model.task_tokens(features, truth[None])[0]
+                if matching:
+                    memories.append((MatchingMemory.of_reference(features, truth), [rows.index(r) if r in rows else None for r in range(len(values))]))
             for n, row in enumerate(rows):
                 fine_tokens[row], spacings[row] = tokens[n].float().cpu(), spacing
-        return fine_tokens, spacings
+        return fine_tokens, spacings, MatchingMemory.combine(memories) if memories else None
 
     @staticmethod
     def _fine_spacing(volume: Volume, spacing: float) -> float:
@@ -383,9 +426,12 @@ class IrisPredictor:
         )
 
     def probabilities(
-        self, target: Volume, task: TaskEmbedding, progress: Progress = None, cancel: Cancel = None, allow_modality_mismatch: bool = False
+        self, target: Volume, task: TaskEmbedding, progress: Progress = None, cancel: Cancel = None, allow_modality_mismatch: bool = False,
+        matching: bool = True,
     ) -> tuple[torch.Tensor, Grid]:
-        """Per-class probabilities (K, *grid) on the working grid of the target."""
+        """Per-class probabilities (K, *grid) on the working grid of the target: the network's, blended per
+        class with the reference matching's prior by the task's matching shares (unless not `matching`:
+        the network alone, as when judging the network on a reference, which matches itself)."""
         self._check_task(task)
         target.check_image()
         modality = resolve_modality(target.array, None)
@@ -396,15 +442,20 @@ class IrisPredictor:
         tiles = windows(grid.shape, self.config.working_size)
         total = torch.zeros((len(task.label_values), *grid.shape), device=self.device)
         weight_sum = torch.zeros(grid.shape, device=self.device)
+        shares = torch.tensor(task.match_weights, device=self.device)[:, None, None, None] if matching and task.memory is not None else None
         with torch.no_grad():
             for n, tile in enumerate(tiles):
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
+                window = pixels[(slice(None), *tile)][None]
                 with _device_memory():
-                    logits = self.model.segment(pixels[(slice(None), *tile)][None], tokens)[0]
+                    features = self.model.encoder(window)
+                    found = torch.sigmoid(self.model.decoder(features, tokens, tuple(window.shape[2:]))[0])
+                    if shares is not None and bool(shares.any()):
+                        found = (1 - shares) * found + shares * task.memory.prior(features, tuple(window.shape[2:]))
                 self.decoder_passes += 1
-                weight = gaussian_weight(logits.shape[1:], self.device) if len(tiles) > 1 else torch.ones(logits.shape[1:], device=self.device)
-                total[(slice(None), *tile)] += torch.sigmoid(logits) * weight
+                weight = gaussian_weight(found.shape[1:], self.device) if len(tiles) > 1 else torch.ones(found.shape[1:], device=self.device)
+                total[(slice(None), *tile)] += found * weight
                 weight_sum[tile] += weight
         return total / weight_sum.clamp_min(1e-6), grid
 
@@ -429,7 +480,7 @@ class IrisPredictor:
         rows = task.refined
         if not rows:
             return []
-        boxes = dict(zip(rows, _world_boxes(torch.stack([kept[r] > task.thresholds[r] for r in rows]), grid)))
+        boxes = dict(zip(rows, _world_boxes(torch.stack([kept[r] > self._seed_level(task, r, kept[r]) for r in rows]), grid)))
         crops = self._task_crops(task, boxes)
         if not crops:
             return []
@@ -438,18 +489,34 @@ class IrisPredictor:
         for n, (crop, members) in enumerate(crops):
             _check_cancel(cancel)
             _report(progress, n / len(crops), f"segmenting small structures: crop {n + 1} of {len(crops)}")
+            window = resample(normalized, target.affine, crop)[None]
             with torch.no_grad(), _device_memory():
-                logits = self.model.segment(resample(normalized, target.affine, crop)[None], task.fine_tokens[members].to(self.device, torch.float32)[None])[0]
+                features = self.model.encoder(window)
+                found = torch.sigmoid(self.model.decoder(features, task.fine_tokens[members].to(self.device, torch.float32)[None], tuple(window.shape[2:]))[0])
+                shares = torch.tensor([task.match_weights[r] for r in members], device=self.device)[:, None, None, None]
+                if task.fine_memory is not None and bool(shares.any()):
+                    found = (1 - shares) * found + shares * task.fine_memory.select(members).prior(features, tuple(window.shape[2:]))
             self.decoder_passes += 1
-            probabilities = torch.zeros_like(logits)
+            probabilities = torch.zeros_like(found)
             for k, row in enumerate(members):
                 margin = REFINE_MARGIN * task.fine_spacings[row]
                 lo, hi = crop.index_box(boxes[row][0] - margin, boxes[row][1] + margin)
                 near = (k, *(slice(a, b) for a, b in zip(lo, hi)))
-                probabilities[near] = torch.sigmoid(logits[near])
+                probabilities[near] = found[near]
             probabilities = drop_islands(probabilities, [task.thresholds[r] for r in members], [task.keep_largest[r] for r in members])
             overlays.append(Overlay(members, probabilities, crop))
         return overlays
+
+    @staticmethod
+    def _seed_level(task: TaskEmbedding, row: int, probability: torch.Tensor) -> float:
+        """Where the first pass must find a thin class for the second pass to look again: above its
+        threshold; for a class the matching decides alone, above half its highest first-pass value
+        (at least MATCH_SEED) if that is lower. The matching's first pass votes with the class's share
+        of each stride-4 voxel, which stays below 0.5 for a structure thinner than half a voxel."""
+        threshold = task.thresholds[row]
+        if task.match_weights[row] < 1:
+            return threshold
+        return max(MATCH_SEED, min(threshold, 0.5 * float(probability.max())))
 
     def _working_target(self, target: Volume, modality: str, spacing: float) -> tuple[torch.Tensor, Grid]:
         """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
@@ -600,8 +667,7 @@ class IrisPredictor:
         (Abdomen) Dice where 5e-3 gained at most 0.002."""
         self.tuning_joined, self.tuning_untuned, self.tuning_losses = False, [], []
         steps = TUNING_STEPS if steps is None else steps
-        if not 1 <= steps <= MAX_TUNING_STEPS:
-            raise InputError(f"the number of tuning steps must be at least 1 and at most {MAX_TUNING_STEPS} (default {TUNING_STEPS}); got {steps}.")
+        _check_steps(steps)
         if views < 0:
             raise InputError("the number of augmented views must be 0 or more.")
         present = self._corrected_classes(task, image, corrected)
@@ -689,8 +755,12 @@ class IrisPredictor:
         With `below`, the reference is first segmented with the task as encoded (one pass) and only the
         classes it gets below that Dice are fitted: a class the network already follows keeps its
         embedding, since fitting it to one scan costs about 0.01 Dice on the next ones. None fits every
-        class."""
-        rows = list(range(len(task.label_values)))
+        class. A class the matching alone decides (matching share 1: `_judge_on_reference`) is never fitted:
+        the network has no say in it."""
+        _check_steps(steps)
+        rows = [row for row, share in enumerate(task.match_weights) if share < 1]  # the rest follow the reference by matching
+        if not rows:
+            return task
         if below is not None:
             scores, _ = self._dice_on(task, [(image, labels)], cancel)
             rows = [row for row in rows if scores.get(row, 1.0) < below]
@@ -747,7 +817,9 @@ class IrisPredictor:
         values = [v for v in task.label_values if v in present]
         named = Volume(corrected.array, corrected.affine, corrected.name, {v: task.segments.get(v, {}) for v in values})
         joining = None if progress is None else lambda fraction, _: progress(fraction, "adding the corrected scan to the task's context")
-        scan = self._encode(image, named, values, task.modality or None, scaled(joining, 0.0, 0.4), cancel, check_size=None)
+        scan = self._encode(image, named, values, task.modality or None, scaled(joining, 0.0, 0.4), cancel, check_size=None, matching=task.memory is not None)
+        if scan.memory is not None:
+            scan = self._judge_on_reference(scan, image, named, matching=True, check_refinement=False, cancel=cancel)
         keys = task.class_keys()
         if scan.class_keys() != [keys[task.label_values.index(v)] for v in values]:
             return None
@@ -802,7 +874,7 @@ class IrisPredictor:
         found = present_labels(initial.array)
         if not found:
             return pool.ensemble()
-        own = self.encode_reference(target, initial, classes=found, modality=pool.modality or None, cancel=cancel)
+        own = self.encode_reference(target, initial, classes=found, modality=pool.modality or None, cancel=cancel, matching=False)  # tokens to compare
         return pool.closest(own, top_k)
 
     def segment_with_retrieval(

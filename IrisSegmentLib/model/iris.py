@@ -36,8 +36,11 @@ class IrisModel(nn.Module):
         """image (B, 1, D, H, W), masks (B, K, D, H, W) -> task tokens (B, K, T, token_dim): one encoder pass,
         then the task encoder on TASK_CLASSES_PER_PASS classes at a time, so memory does not grow with K."""
         self._check_size(image)
-        features = self.encoder(image)
-        masks = masks.to(image.dtype)
+        return self.task_tokens(self.encoder(image), masks)
+
+    def task_tokens(self, features: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """`encode_task` from the encoder's features of the image, for a caller that uses them again."""
+        masks = masks.to(features[0].dtype)
         return torch.cat([self.task_encoder(features, masks[:, start:start + TASK_CLASSES_PER_PASS])
                           for start in range(0, masks.shape[1], TASK_CLASSES_PER_PASS)], 1)
 
@@ -47,9 +50,11 @@ class IrisModel(nn.Module):
         return self.decoder(self.encoder(image), tokens, tuple(image.shape[2:]))
 
     def forward(
-        self, reference: torch.Tensor, reference_masks: torch.Tensor, target: torch.Tensor, classes: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of training episodes: (target logits, reference task tokens).
+        self, reference: torch.Tensor, reference_masks: torch.Tensor, target: torch.Tensor, classes: torch.Tensor | None = None,
+        with_features: bool = False,
+    ) -> tuple:
+        """A batch of training episodes: (target logits, reference task tokens), and with `with_features`
+        the encoder's (reference, target) feature maps too, for the matching loss.
 
         References and targets go through the encoder as one batch: on a CPU, batched 3D
         convolutions take oneDNN kernels that are several times faster than one volume at a time.
@@ -64,7 +69,8 @@ class IrisModel(nn.Module):
         else:
             ref_features, target_features = self.encoder(reference), self.encoder(target)
         tokens = self.task_encoder(ref_features, reference_masks.to(reference.dtype))
-        return self.decoder(target_features, tokens, tuple(target.shape[2:]), classes), tokens
+        logits = self.decoder(target_features, tokens, tuple(target.shape[2:]), classes)
+        return (logits, tokens, (ref_features, target_features)) if with_features else (logits, tokens)
 
     def _check_size(self, image: torch.Tensor) -> None:
         if image.ndim != 5 or any(s % self.config.total_stride for s in image.shape[2:]):

@@ -199,6 +199,7 @@ class IrisSceneLogic:
         output=None,
         allow_modality_mismatch: bool = False,
         fit_steps: int = 0,
+        matching: bool = True,
     ) -> Job:
         """Segment `target` with the classes of `sources` (references and/or loaded task files).
 
@@ -207,7 +208,9 @@ class IrisSceneLogic:
         `fit_steps` is reused as it is, including what Tune taught it. With `fit_steps` (0: off, as in
         the engine's API; the panel's default is 40, like the command line's), the classes each
         reference's own segmentation gets below FIT_BELOW Dice are first fitted to the reference itself
-        (IrisPredictor.fit_to_reference): structures the model was not trained on.
+        (IrisPredictor.fit_to_reference): structures the model was not trained on. With `matching` the
+        references are also matched onto the target (inference/matching.py), which decides those classes
+        instead of fitting.
         """
         self._check_idle()
         if strategy not in STRATEGIES:
@@ -229,7 +232,7 @@ class IrisSceneLogic:
             labels = scene_bridge.labels_from_segmentation(
                 reference.segmentation, reference.volume, reference_image, reference.segment_ids, value_of, allow_empty=False
             )
-            digest = _digest(reference_image.array, reference_image.affine, labels.array, text=repr((sorted(labels.segments.items()), fit_steps)))
+            digest = _digest(reference_image.array, reference_image.affine, labels.array, text=repr((sorted(labels.segments.items()), fit_steps, matching)))
             pairs.append((reference_image, labels, digest))
         key = (strategy, tuple(digest for *_, digest in pairs), tuple(_digest(t.tokens.numpy()) for t in files))
         reused = self.task if key == self._task_key else None
@@ -245,7 +248,8 @@ class IrisSceneLogic:
             for n, (reference_image, labels, digest) in enumerate(pairs):
                 if digest not in cached and digest not in encoded:
                     step = scaled(progress, 0.3 * n / len(pairs), 0.3 * (n + 1) / len(pairs))
-                    encoded[digest] = predictor.encode_reference(reference_image, labels, progress=scaled(step, 0.0, 0.2 if fit_steps else 1.0), cancel=cancel)
+                    encoded[digest] = predictor.encode_reference(reference_image, labels, progress=scaled(step, 0.0, 0.2 if fit_steps else 1.0), cancel=cancel,
+                                                                 matching=matching)
                     if fit_steps:
                         encoded[digest] = predictor.fit_to_reference(encoded[digest], reference_image, labels, fit_steps, scaled(step, 0.2, 1.0), cancel)
                 tasks.append(cached.get(digest) or encoded[digest])

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..model.config import IrisConfig
 from ..model.iris import IrisModel
+from ..inference.matching import matching_loss
 from ..model.loss import dice_bce_loss
 from ..model.serialization import load_tensors
 from ..model.weights import load_model, save_model
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="*", help="only these sets (default: all in --data)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--stop-after", type=float, default=0, help="stop cleanly after this many hours (0: run to --steps)")
+    p.add_argument("--matching-weight", type=float, default=0.0,
+                   help="weight of the reference-matching loss on the encoder's features (inference/matching.py; 0: off)")
     return p.parse_args(argv)
 
 
@@ -118,6 +121,7 @@ def train(args: argparse.Namespace, rank: int, distributed: bool, device: torch.
     began = time.time()
     window: deque[float] = deque(maxlen=20)
     losses: deque[float] = deque(maxlen=20)
+    matching_losses: deque[float] = deque(maxlen=20)
     step = start
     stream = EpisodeStream(sampler, args.seed, rank, start, args.steps, args.episodes_per_step)
     episodes = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False))
@@ -128,9 +132,15 @@ def train(args: argparse.Namespace, rank: int, distributed: bool, device: torch.
         optimizer.zero_grad(set_to_none=True)
         batch = next(episodes)
         classes = batch.classes.to(device)
+        matched = args.matching_weight > 0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, tokens = net(batch.reference.to(device), batch.reference_masks.to(device), batch.query.to(device), classes)
+            logits, tokens, *features = net(batch.reference.to(device), batch.reference_masks.to(device), batch.query.to(device), classes,
+                                            with_features=matched)
         loss = dice_bce_loss(logits.float(), batch.query_masks.to(device), classes.float())
+        if matched:
+            match = matching_loss(*features[0], batch.reference_masks.to(device), batch.query_masks.to(device), classes)
+            matching_losses.append(float(match.detach()))
+            loss = loss + args.matching_weight * match
         loss.backward()
         total = float(loss.detach())
         rows = [[class_index[key] if key else -1 for key in keys] for keys in batch.class_keys]
@@ -142,7 +152,8 @@ def train(args: argparse.Namespace, rank: int, distributed: bool, device: torch.
         window.append(time.time() - t0)
         losses.append(total)
         if rank == 0 and step % 20 == 0:
-            log.info("step %d loss %.4f (mean of 20) lr %.2e %.2f s/step", step, float(np.mean(losses)), optimizer.param_groups[0]["lr"], float(np.mean(window)))
+            log.info("step %d loss %.4f (mean of 20) lr %.2e %.2f s/step%s", step, float(np.mean(losses)), optimizer.param_groups[0]["lr"],
+                     float(np.mean(window)), f"; matching loss {np.mean(matching_losses):.4f}" if matching_losses else "")
         stop = args.stop_after and (time.time() - began) / 3600 >= args.stop_after
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.steps or stop):
             checkpoint(model, optimizer, step, config, args, hours_before + (time.time() - began) / 3600)
@@ -248,6 +259,7 @@ def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, co
         "max_invented": args.max_invented,
         "mix": args.mix,
         "lr": args.lr,
+        "matching_weight": args.matching_weight,
         "init": str(args.init) if args.init else None,
         "data": sorted({k.split("/")[0] for k in config.memory_classes}),
         "heldout": "Resources/splits.json",

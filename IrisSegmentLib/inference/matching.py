@@ -1,0 +1,156 @@
+"""Reference matching: copy the reference's labels onto the target along the encoder's features.
+
+The network's decoder follows its task tokens for the structures it trained on, but for a structure it
+never saw it finds little even on the reference itself (benchmarks/results/generalization_*.md), while
+its encoder still tells the places of a scan apart. So every reference also leaves a matching memory:
+the descriptors of its voxels (the encoder's stride-4, -8 and -16 maps, each L2-normalised, upsampled to
+stride 4 and concatenated) with each class's share of each voxel. A target voxel takes its TOP_K most
+similar memory voxels and their softmax-weighted (cosine similarity / TEMPERATURE) class shares are its
+prior. On the shipped model this prior alone self-segments the unseen sets with working-grid Dice
+0.77-0.94 (network 0.02-0.27) and segments their next case 0.22-0.36 (network 0.03-0.05);
+benchmarks/matching_prior.py has the table.
+
+Voxels near a class are kept at stride 4; the rest of the reference at stride 8 (one descriptor per
+2x2x2 block, averaged), which keeps a task file a few MB for a small structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.loss import dice_bce_loss
+
+DESCRIPTOR_LEVELS = (1, 2, 3)  # encoder stages (strides 4, 8, 16 with the stride-2 stem) that describe a voxel
+MATCH_LEVEL = DESCRIPTOR_LEVELS[0]  # the stage whose grid the matching runs on
+# Neighbours and temperature, from benchmarks/matching_prior.py's sweep (Fetal_Brain_MRI one-shot, working
+# grid): 1, 4 and 8 neighbours at 0.01-0.02 scored 0.359-0.369, 16 at 0.05 0.285, 64 at 0.1 0.023. Soft
+# votes over many neighbours blur a structure into its surroundings; 8 sharp ones keep a little smoothing.
+TOP_K = 8
+TEMPERATURE = 0.01
+QUERY_CHUNK = 1024  # target voxels compared at once: a chunk holds QUERY_CHUNK x memory-size similarities
+
+
+def descriptors(features: list[torch.Tensor]) -> torch.Tensor:
+    """(B, C, *stride-4 grid) unit descriptors from the encoder's feature maps (finest first)."""
+    size = tuple(features[MATCH_LEVEL].shape[2:])
+    parts = [F.normalize(F.interpolate(features[level], size=size, mode="trilinear", align_corners=False)
+                         if tuple(features[level].shape[2:]) != size else features[level], dim=1)
+             for level in DESCRIPTOR_LEVELS]
+    return F.normalize(torch.cat(parts, 1), dim=1)
+
+
+@dataclass
+class MatchingMemory:
+    """What the matching keeps of its references: per kept voxel a descriptor (`keys`, (N, C) float16),
+    each class's share of it (`masks`, (K, N) float16) and the reference it comes from (`reference`, (N,));
+    `holds` (K, R) says which references hold each class, so a reference that lacks a class (an ensemble
+    of references labelled differently) never votes that class absent."""
+
+    keys: torch.Tensor
+    masks: torch.Tensor
+    reference: torch.Tensor
+    holds: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.keys.shape[0]
+        if self.keys.ndim != 2 or self.masks.ndim != 2 or self.masks.shape[1] != n or self.reference.shape != (n,):
+            raise ValueError("a matching memory needs keys (N, C), masks (K, N) and reference (N,)")
+        if self.holds.ndim != 2 or self.holds.shape[0] != self.masks.shape[0] or self.holds.dtype != torch.bool:
+            raise ValueError("holds must be (K, R) true/false, one row per class")
+        if n and (int(self.reference.min()) < 0 or int(self.reference.max()) >= self.holds.shape[1]):
+            raise ValueError("every memory voxel must come from one of the references in holds")
+        if not (torch.isfinite(self.keys).all() and torch.isfinite(self.masks).all()):
+            raise ValueError("the matching memory holds NaN or infinite values")
+
+    @classmethod
+    def of_reference(cls, features: list[torch.Tensor], masks: torch.Tensor) -> "MatchingMemory":
+        """The memory of one reference: its encoder features (batch of one) and class masks (K, *working grid)."""
+        fine = descriptors(features)[0]
+        size = tuple(fine.shape[1:])
+        shares = F.adaptive_avg_pool3d(masks[None].float(), size)[0]
+        coarse, coarse_shares = F.normalize(F.avg_pool3d(fine[None], 2)[0], dim=0), F.avg_pool3d(shares[None], 2)[0]
+        near = F.max_pool3d((coarse_shares.sum(0) > 0).float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
+        near_fine = F.interpolate(near[None, None].float(), size=size, mode="nearest")[0, 0] > 0
+        keys = torch.cat([fine[:, near_fine].T, coarse[:, ~near].T])
+        kept = torch.cat([shares[:, near_fine], coarse_shares[:, ~near]], 1)
+        return cls(keys.half().cpu(), kept.half().cpu(), torch.zeros(keys.shape[0], dtype=torch.int64),
+                   torch.ones((masks.shape[0], 1), dtype=torch.bool))
+
+    def select(self, rows: list[int]) -> "MatchingMemory":
+        return MatchingMemory(self.keys, self.masks[rows], self.reference, self.holds[rows])
+
+    @staticmethod
+    def combine(parts: list[tuple["MatchingMemory", list[int | None]]]) -> "MatchingMemory":
+        """Several memories as one, for an ensemble of K classes: each part with, per ensemble class, its
+        own row of that class (None where its references lack the class)."""
+        classes = len(parts[0][1])
+        keys, masks, reference, holds, offset = [], [], [], [], 0
+        for memory, rows in parts:
+            keys.append(memory.keys)
+            reference.append(memory.reference + offset)
+            part_masks = torch.zeros((classes, memory.keys.shape[0]), dtype=memory.masks.dtype)
+            part_holds = torch.zeros((classes, memory.holds.shape[1]), dtype=torch.bool)
+            for k, row in enumerate(rows):
+                if row is not None:
+                    part_masks[k], part_holds[k] = memory.masks[row], memory.holds[row]
+            masks.append(part_masks)
+            holds.append(part_holds)
+            offset += memory.holds.shape[1]
+        return MatchingMemory(torch.cat(keys), torch.cat(masks, 1), torch.cat(reference), torch.cat(holds, 1))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """For a safetensors file (holds as uint8: the format's bool is not read everywhere)."""
+        return {f"{prefix}keys": self.keys.half(), f"{prefix}masks": self.masks.half(), f"{prefix}reference": self.reference.to(torch.int32),
+                f"{prefix}holds": self.holds.to(torch.uint8)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "MatchingMemory | None":
+        if f"{prefix}keys" not in tensors:
+            return None
+        return cls(tensors[f"{prefix}keys"].half(), tensors[f"{prefix}masks"].half(), tensors[f"{prefix}reference"].long(),
+                   tensors[f"{prefix}holds"].bool())
+
+    def prior(self, features: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+        """(K, *size): each class's matched share on a target window, from the window's encoder features
+        (batch of one); computed at stride 4 and upsampled to `size`."""
+        queries = descriptors(features)[0]
+        grid = tuple(queries.shape[1:])
+        queries = queries.flatten(1).T
+        device = queries.device
+        keys, masks, reference = self.keys.to(device, torch.float32), self.masks.to(device, torch.float32), self.reference.to(device)
+        votes = torch.zeros((self.masks.shape[0], queries.shape[0]), device=device)
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        for row, held in enumerate(self.holds.tolist()):
+            groups.setdefault(tuple(held), []).append(row)
+        for held, rows in groups.items():
+            voters = torch.isin(reference, torch.tensor([r for r, h in enumerate(held) if h], device=device, dtype=reference.dtype))
+            if not voters.any():
+                continue
+            votes[rows] = _vote(queries, keys[voters], masks[rows][:, voters])
+        return F.interpolate(votes.reshape(1, -1, *grid), size=size, mode="trilinear", align_corners=False)[0]
+
+
+def matching_loss(ref_features: list[torch.Tensor], target_features: list[torch.Tensor], ref_masks: torch.Tensor,
+                  target_masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Training: Dice + BCE of the matched prior (at stride 4, every reference voxel a key) against the
+    target's masks pooled alike, per episode of a batch; (B, K) `classes` marks the real classes. It
+    teaches the encoder features under which a voxel's nearest reference voxels carry its label."""
+    queries, keys = descriptors([f.float() for f in target_features]), descriptors([f.float() for f in ref_features])
+    size = tuple(queries.shape[2:])
+    shares = F.adaptive_avg_pool3d(ref_masks.float(), size).flatten(2)
+    truth = F.adaptive_avg_pool3d(target_masks.float(), size).flatten(2)
+    priors = torch.stack([_vote(q.flatten(1).T, k.flatten(1).T, m) for q, k, m in zip(queries, keys, shares)])
+    return dice_bce_loss(torch.logit(priors.clamp(1e-4, 1 - 1e-4)), truth, classes.float())
+
+
+def _vote(queries: torch.Tensor, keys: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(K, Nq): each query's softmax-weighted vote of its TOP_K most similar keys' class shares (K, Nk)."""
+    out = []
+    k = min(TOP_K, keys.shape[0])
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        similarity, nearest = (queries[start:start + QUERY_CHUNK] @ keys.T).topk(k, dim=1)
+        weights = torch.softmax(similarity / TEMPERATURE, 1)
+        out.append((masks[:, nearest] * weights[None]).sum(-1))
+    return torch.cat(out, 1)
