@@ -196,6 +196,8 @@ def _encode_references(predictor, volumes, classes, modality, fit_steps: int | N
             task = predictor.encode_reference(image, labels, classes, modality, progress=bar, matching=matching)
         finally:
             bar.close()
+        if task.matching_note():
+            print(f"{labels.name}: {task.matching_note()}")
         if fit_steps:
             bar = _progress_bar(f"fitting to {labels.name}")
             try:

@@ -138,6 +138,12 @@ class TaskEmbedding:
         parts = ([f"thresholds {', '.join(moved)} (others 0.5)"] if moved else []) + ([f"largest piece only: {', '.join(largest)}"] if largest else [])
         return "; ".join(parts)
 
+    def matching_note(self) -> str:
+        """The classes that reference matching decides alone, in words ('' when none): those the network
+        did not segment its own reference well enough to be trusted with (IrisPredictor._judge_on_reference)."""
+        matched = [name for name, share in zip(self.class_names, self.match_weights) if share == 1]
+        return f"matched from the reference, as the model does not know them: {', '.join(matched)}" if matched else ""
+
     @staticmethod
     def ensemble(tasks: list["TaskEmbedding"]) -> "TaskEmbedding":
         """Context ensemble: per class, the mean of the embeddings of every reference holding it

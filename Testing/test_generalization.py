@@ -32,6 +32,13 @@ def test_pairs_run_in_a_cycle_and_a_single_case_has_none() -> None:
     assert g.cyclic_pairs(["a"]) == []
 
 
+def test_an_ensemble_takes_the_pairs_reference_and_the_cases_before_it_never_the_target() -> None:
+    ids = ["a", "b", "c", "d", "e"]
+    assert g.ensemble_references(ids, "c", "d", 3) == ["c", "b", "a"]
+    assert g.ensemble_references(ids, "a", "b", 3) == ["a", "e", "d"]  # round the cycle
+    assert g.ensemble_references(["a", "b", "c"], "c", "a", 3) == ["c", "b"]  # too short a cycle: fewer
+
+
 def test_cell_instances_merge_into_one_named_class_on_the_same_grid() -> None:
     labels = np.zeros((6, 6, 6), dtype=np.uint16)
     labels[0, 0, :3], labels[2, 2, 2], labels[5, 5, 5] = 1, 7, 300

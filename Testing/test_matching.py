@@ -148,6 +148,7 @@ def test_matching_makes_the_engine_follow_a_reference_the_network_cannot_segment
     alone = predictor.encode_reference(image, labels, matching=False)
     matched = predictor.encode_reference(image, labels)
     assert alone.memory is None and matched.memory is not None and matched.match_weights == [1.0, 1.0]
+    assert matched.matching_note().endswith("hippocampus_anterior, hippocampus_posterior") and alone.matching_note() == ""
     truth = labels.array > 0
     network = _dice(predictor.segment(image, alone).array > 0, truth)
     own = _dice(predictor.segment(image, matched).array > 0, truth)

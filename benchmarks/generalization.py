@@ -104,6 +104,15 @@ def cyclic_pairs(ids: list[str]) -> list[tuple[str, str]]:
     return [(ids[i], ids[(i + 1) % len(ids)]) for i in range(len(ids))] if len(ids) >= 2 else []
 
 
+def ensemble_references(ids: list[str], reference: str, target: str, size: int) -> list[str]:
+    """The references of the ensemble that segments `target` in place of the one-shot pair's `reference`:
+    that reference and the cases before it in the cycle of `ids`, `size` in all, never the target
+    (fewer when the cycle is too short)."""
+    start = ids.index(reference)
+    chosen = [ids[(start - n) % len(ids)] for n in range(len(ids))]
+    return [case for case in chosen if case != target][:size]
+
+
 # ---------------------------------------------------------------- label maps and class sizes
 
 
@@ -170,6 +179,13 @@ def segment_pair(predictor, strategy: str, reference, target, matching: bool = T
     if strategy == "fit-where-poor":
         return predictor.segment(target, predictor.fit_to_reference(task, *reference))
     raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
+def segment_with_ensemble(predictor, references: list, target, matching: bool = True):
+    """The calibrated context ensemble (IrisPredictor.calibrated_ensemble) of the references, each encoded
+    as one-shot encodes it, segmenting `target`."""
+    tasks = [predictor.encode_reference(*reference, skip_small=True, matching=matching) for reference in references]
+    return predictor.segment(target, predictor.calibrated_ensemble(tasks, references))
 
 
 def _empty_like(target):
@@ -260,7 +276,8 @@ def register(reference, target, settings, binned: list[str] | None = None, allow
 
 
 def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], cases: int, pairs: int, registration: bool,
-                 strategy: str, threads: int, log: Callable[[str], None] = print, binning: bool = True, matching: bool = True) -> dict:
+                 strategy: str, threads: int, log: Callable[[str], None] = print, binning: bool = True, matching: bool = True,
+                 ensemble: int = 0) -> dict:
     """Self-segmentation, one-shot and registration records of one set (see the module docstring)."""
     from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
     from IrisSegmentLib.evaluation.evaluate import classes_to_score, heldout_and_training, pick_references
@@ -283,10 +300,14 @@ def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], c
         heldout, training = heldout_and_training(dataset)
         reference_id = pick_references(dataset, training, 1)[0]
         self_ids, pair_ids = [reference_id], [(reference_id, t) for t in heldout[:cases]]
+        picked = [reference_id] + [r for r in pick_references(dataset, training, ensemble) if r != reference_id] if ensemble > 1 else []
+        ensemble_of = {target: picked[:ensemble] for _, target in pair_ids}
     else:
         self_ids = evenly_spaced(dataset.case_ids, cases)
-        pair_ids = cyclic_pairs(evenly_spaced(dataset.case_ids, pairs))
-    row: dict = {"set": name, "kind": kind, "self": [], "one_shot": [], "registration": [], "failures": [],
+        cycle = evenly_spaced(dataset.case_ids, pairs)
+        pair_ids = cyclic_pairs(cycle)
+        ensemble_of = {target: ensemble_references(cycle, reference, target, ensemble) for reference, target in pair_ids}
+    row: dict = {"set": name, "kind": kind, "self": [], "one_shot": [], "registration": [], "ensemble": [], "failures": [],
                  "size_rule": f">= {MIN_VOXELS} voxels" if voxel_rule else f">= {MIN_CM3:g} cm^3",
                  "merged_across_cases": instances}
 
@@ -306,11 +327,15 @@ def evaluate_set(predictor, dataset_folder: Path, kind: str, unseen: set[str], c
         jobs = [("one_shot", lambda: segment_pair(predictor, strategy, reference, target_image, matching))]
         if registration:
             jobs.append(("registration", lambda: register(reference, target_image, settings, binned, binning and kind != IN_DISTRIBUTION)))
+        if ensemble > 1 and len(ensemble_of[target_id]) == ensemble:
+            members = [case(r, merge=instances) for r in ensemble_of[target_id]]
+            jobs.append(("ensemble", lambda: segment_with_ensemble(predictor, members, target_image, matching)))
         line, binned = [], []
         for method, job in jobs:
             prediction, seconds = _run(job, target_image, row["failures"], f"{method} {reference_id} -> {target_id}")
             records = class_records(prediction, truth, names, values, unseen, voxel_rule)
-            row[method].append({"reference": reference_id, "target": target_id, "seconds": seconds, "classes": records})
+            row[method].append({"reference": ensemble_of[target_id] if method == "ensemble" else reference_id, "target": target_id,
+                                "seconds": seconds, "classes": records})
             if method == "registration" and binned:
                 row[method][-1]["binned"] = binned[-1]
             line.append(f"{method.replace('_', '-')} {case_mean(records):.3f} ({seconds:.1f} s)")
@@ -333,6 +358,9 @@ def summarize(row: dict, registration: bool = True) -> dict:
         "one_shot": mean_of([case_mean(p["classes"]) for p in row["one_shot"]]),
         "registration": mean_of([case_mean(p["classes"]) for p in row["registration"]]) if registration else None,
         "registration_run": registration,
+        "ensemble": mean_of([case_mean(p["classes"]) for p in row.get("ensemble", [])]),
+        "one_shot_where_ensembled": mean_of([case_mean(p["classes"]) for p in row["one_shot"]
+                                             if any(e["target"] == p["target"] for e in row.get("ensemble", []))]),
         "self_cases": len(row["self"]),
         "self_classes": sum(len(c["classes"]) for c in row["self"]),
         "self_classes_counted": sum(r["counted"] for c in row["self"] for r in c["classes"]),
@@ -365,7 +393,7 @@ def generalization_score(table: dict) -> float | None:
 
 def generalization_table(weights: str | Path | None = None, sets: list[str] | None = None, data: Path = DATA, cases: int = 6,
                          pairs: int = 6, threads: int = 1, registration: bool = True, strategy: str = "one-shot",
-                         log: Callable[[str], None] = print, binning: bool = True, matching: bool = True) -> dict:
+                         log: Callable[[str], None] = print, binning: bool = True, matching: bool = True, ensemble: int = 0) -> dict:
     """Every row of the benchmark for one weights file (None: the bundled model), with per-case and
     per-class records, and its score (`generalization_score`)."""
     import torch
@@ -394,9 +422,9 @@ def generalization_table(weights: str | Path | None = None, sets: list[str] | No
     for name in [s for s in kinds if s in sets]:  # table order
         set_start = time.perf_counter()
         rows.append(evaluate_set(predictor, Path(data) / name, kinds[name], {c.lower() for c in unseen_classes}, cases, pairs,
-                                 registration, strategy, threads, log, binning, matching))
+                                 registration, strategy, threads, log, binning, matching, ensemble))
         rows[-1]["wall_seconds"] = time.perf_counter() - set_start
-    table = {"model": note, "model_id": model.model_id, "weights": str(model.weights_path), "strategy": strategy, "matching": matching,
+    table = {"model": note, "model_id": model.model_id, "weights": str(model.weights_path), "strategy": strategy, "matching": matching, "ensemble": ensemble,
              "cases": cases, "pairs": pairs, "threads": threads, "registration": registration, "binning": binning, "unseen_classes": unseen_classes,
              "rows": rows, "wall_seconds": time.perf_counter() - start}
     table["score"] = generalization_score(table)
@@ -435,6 +463,13 @@ def markdown(table: dict) -> str:
             per_class = ", ".join(f"{r['name']} {r['dice']:.3f} ({r['cm3']:.1f} cm³)" for c in row["self"] for r in c["classes"] if r["unseen_class"])
             lines.append(f"| {row['set']} | {_fmt(s['self_all'])} ({s['self_classes']}) | {_fmt(s['self_counted'])} ({s['self_classes_counted']}) | "
                          f"{_fmt(s['self_unseen_classes'])} ({len(s['unseen_classes_present'])}) | {per_class or 'none present'} |")
+    if table.get("ensemble", 0) > 1:
+        lines += ["", f"Context ensembles of {table['ensemble']} references (calibrated), on the one-shot targets that had enough references:", "",
+                  "| set | targets | one-shot Dice | ensemble Dice |", "|---|---:|---:|---:|"]
+        for row in table["rows"]:
+            s = row["summary"]
+            if row["ensemble"]:
+                lines.append(f"| {row['set']} | {len(row['ensemble'])} | {_fmt(s['one_shot_where_ensembled'])} | {_fmt(s['ensemble'])} |")
     lines += ["", f"Score (mean over the unseen rows of self-seg ≥1 cm³ and one-shot, and of the unseen classes' self-seg): "
               f"**{_fmt(table['score'])}**."]
     lines += ["", "¹ Cells_Confocal's spacing is micrometres written as millimetres: its classes count from "
@@ -528,6 +563,9 @@ def main() -> None:
     p.add_argument("--no-binning", action="store_true", help="register thin slabs of unseen sets at full resolution too (slow: ~200 s a fetal pair)")
     p.add_argument("--strategy", choices=STRATEGIES, default="one-shot")
     p.add_argument("--no-matching", action="store_true", help="the network alone: tasks without reference matching (inference/matching.py)")
+    p.add_argument("--ensemble", type=int, default=0, metavar="N",
+                   help="also segment each one-shot target with a calibrated ensemble of N references (the pair's and the cases before "
+                        "it in the cycle; in-distribution: evaluate's N picks), on the same targets")
     p.add_argument("--known-share", type=float, default=None,
                    help="matching's share of the classes the network knows (default: the engine's KNOWN_MATCH_WEIGHT)")
     p.add_argument("--output", type=Path, default=RESULTS)
@@ -541,7 +579,7 @@ def main() -> None:
 
         engine.KNOWN_MATCH_WEIGHT = args.known_share
     table = generalization_table(args.weights, args.sets, args.data, args.cases, args.pairs, args.threads, not args.no_registration, args.strategy,
-                                 binning=not args.no_binning, matching=not args.no_matching)
+                                 binning=not args.no_binning, matching=not args.no_matching, ensemble=args.ensemble)
     table["command"] = " ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]])
     save_results(args.output / f"generalization_{args.tag or default_tag(args.weights)}", "Generalization to unseen structures",
                  f"strategy {table['strategy']}{'' if table['matching'] else ', network alone (no reference matching)'}", table, markdown(table), plot)

@@ -154,9 +154,9 @@ class IrisPredictor:
         With `matching` a class the network segments below FIT_BELOW Dice that way is one it does not
         know: the reference matching decides it alone (share 1), in the second pass too (a thin class is
         matched again at the finer spacing, against the reference's crop: `_encode_fine`), which the
-        network's Dice cannot judge. The others get KNOWN_MATCH_WEIGHT of the matching's prior. Matching everything lost HeadNeck's thin organs,
-        which vanish on the matching's stride-4 grid (benchmarks/results/matching_prior_shipped_gates.md:
-        0.070 against the network's 0.618)."""
+        network's Dice cannot judge. The others get KNOWN_MATCH_WEIGHT of the matching's prior. Matching
+        everything lost HeadNeck's thin organs, which vanish on the matching's stride-4 grid
+        (benchmarks/results/matching_prior_shipped.md: 0.070 against the network's 0.618)."""
         probabilities, grid = self.probabilities(image, task, cancel=cancel, matching=False)
         onto = Grid(image.shape, image.affine)
         first = self._label_map(task, probabilities, grid, onto)
