@@ -439,6 +439,9 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         note = task.calibration_note() if task is not None else ""
         if note:
             self.ui.statusLabel.text += " " + _("Class settings: {note}.").format(note=note)
+        matched = task.matching_note() if task is not None else ""
+        if matched:
+            self.ui.statusLabel.text += " " + _("Segments {note}.").format(note=matched)
 
     def _onTuned(self, output) -> None:
         self._onSegmented(output)
