@@ -404,3 +404,19 @@ def test_averaged_checkpoints_are_the_mean_of_their_weights(tmp_path: Path) -> N
     save_model(random_model(seed=2, channels=(8, 16, 32, 32)), tmp_path / "iris_step000030.safetensors")
     with pytest.raises(WeightsError, match="other model settings"):
         average_main(["--run", str(tmp_path), "--steps", "10", "30", "--output", str(tmp_path / "bad.safetensors")])
+
+
+def test_the_matching_loss_joins_training_when_weighted(data_root: Path, tmp_path: Path) -> None:
+    """--matching-weight adds the matching loss (inference/matching.py) to the network's: the weights
+    record it, and the encoder moves differently from a run without it on the same episodes."""
+    from IrisSegmentLib.model.weights import load_model
+
+    common = ["--data", str(data_root), "--patch", str(PATCH), "--steps", "2", "--warmup", "1", "--episodes-per-step", "1",
+              "--checkpoint-every", "100"]
+    train_main([*common, "--output", str(tmp_path / "plain")])
+    train_main([*common, "--output", str(tmp_path / "matched"), "--matching-weight", "0.5"])
+    plain = load_model(tmp_path / "plain" / "iris_step000002.safetensors", "cpu")
+    matched = load_model(tmp_path / "matched" / "iris_step000002.safetensors", "cpu")
+    assert matched.provenance["matching_weight"] == 0.5 and plain.provenance["matching_weight"] == 0.0
+    encoder = "encoder.stages.1.0.conv1.0.weight"
+    assert not torch.equal(plain.state_dict()[encoder], matched.state_dict()[encoder])

@@ -1,7 +1,8 @@
 """Episodic in-context training (Iris recipe scaled to CPU), resumable and DDP-ready.
 
 Each step draws episodes (labelled, invented and agnostic tasks, see training.data), optimises
-Dice + BCE, and updates the memory bank by EMA from the labelled classes. Episodes are a pure
+Dice + BCE (plus, with --matching-weight, the reference-matching loss on the encoder's features:
+inference/matching.py), and updates the memory bank by EMA from the labelled classes. Episodes are a pure
 function of (seed, step), so a resumed run draws exactly what the interrupted one would have drawn.
 Run with plain python on a CPU or under `torchrun --nproc_per_node=N` on GPUs (bf16 autocast).
 
