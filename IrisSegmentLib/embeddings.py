@@ -162,8 +162,9 @@ class TaskEmbedding:
                 raise InputError(f"references of different modality ({first.modality} and {t.modality}) cannot be combined: use references of the target's modality.")
         order: list[str] = []
         found: dict[str, list[tuple[TaskEmbedding, int]]] = {}
-        for t in tasks:
-            for row, key in enumerate(t.class_keys()):
+        rows_of = [{key: row for row, key in enumerate(t.class_keys())} for t in tasks]
+        for t, rows in zip(tasks, rows_of):
+            for key, row in rows.items():
                 if key not in found:
                     order.append(key)
                     found[key] = []
@@ -193,7 +194,6 @@ class TaskEmbedding:
             counts.append(int(weights.sum()))
         spacing = float(torch.tensor([t.spacing for t in tasks]).median())
         sources = [s for t in tasks for s in t.sources]
-        rows_of = [{key: row for row, key in enumerate(t.class_keys())} for t in tasks]
 
         def pooled(memories: list[MatchingMemory | None]) -> MatchingMemory | None:
             parts = [(m, [rows.get(key) for key in order]) for m, rows in zip(memories, rows_of) if m is not None]

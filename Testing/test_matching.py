@@ -10,6 +10,7 @@ import torch
 from engine_fixtures import case, model, predictor, require_data  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
+from IrisSegmentLib.evaluation.metrics import dice
 from IrisSegmentLib.inference.matching import MatchingMemory, descriptors, matching_loss
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
 from IrisSegmentLib.volume import Volume
@@ -135,10 +136,6 @@ def test_an_ensemble_averages_the_matching_shares_of_references_that_have_a_memo
     assert both.memory.keys.shape[0] == 2 * memory.keys.shape[0] and both.memory.holds.shape == (2, 2)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
 def test_matching_makes_the_engine_follow_a_reference_the_network_cannot_segment(predictor) -> None:
     """The small random network knows nothing: alone it misses the hippocampus even on its own scan (Dice
     0.09); the matching, judged necessary for every class, copies the reference back onto itself (0.51 with
@@ -150,11 +147,11 @@ def test_matching_makes_the_engine_follow_a_reference_the_network_cannot_segment
     assert alone.memory is None and matched.memory is not None and matched.match_weights == [1.0, 1.0]
     assert matched.matching_note().endswith("hippocampus_anterior, hippocampus_posterior") and alone.matching_note() == ""
     truth = labels.array > 0
-    network = _dice(predictor.segment(image, alone).array > 0, truth)
-    own = _dice(predictor.segment(image, matched).array > 0, truth)
+    network = dice(predictor.segment(image, alone).array > 0, truth)
+    own = dice(predictor.segment(image, matched).array > 0, truth)
     assert own > 0.4 and own > network + 0.3, (own, network)
     target, target_labels = case("003")
-    assert _dice(predictor.segment(target, matched).array > 0, target_labels.array > 0) > _dice(predictor.segment(target, alone).array > 0, target_labels.array > 0)
+    assert dice(predictor.segment(target, matched).array > 0, target_labels.array > 0) > dice(predictor.segment(target, alone).array > 0, target_labels.array > 0)
 
 
 def test_tune_adds_the_corrected_scan_to_the_matching_memory(predictor) -> None:
@@ -180,7 +177,7 @@ def test_the_shipped_model_self_segments_a_structure_it_never_trained_on() -> No
     image, labels = read_case(dataset.case(sorted(dataset.case_ids)[0]))
     predictor = IrisPredictor(load_model(None, "cpu"))
     result = predictor.segment(image, predictor.encode_reference(image, labels))
-    assert _dice(result.array > 0, np.asarray(labels.array) > 0) > 0.85
+    assert dice(result.array > 0, np.asarray(labels.array) > 0) > 0.85
     assert isinstance(result, Volume) and result.shape == image.shape
 
 
@@ -203,7 +200,7 @@ def test_a_thin_class_the_network_does_not_know_is_matched_again_at_the_finer_sp
     found = predictor.segment(image, task).array == 2
     assert predictor.decoder_passes > passes + 1  # the first pass and the rod's crop
     coarse = predictor.segment(image, task, refine=False).array == 2
-    assert _dice(found, rod) > _dice(coarse, rod) + 0.3, (_dice(found, rod), _dice(coarse, rod))
+    assert dice(found, rod) > dice(coarse, rod) + 0.3, (dice(found, rod), dice(coarse, rod))
     task.save(tmp_path / "rod.safetensors")
     loaded = TaskEmbedding.load(tmp_path / "rod.safetensors")
     assert torch.equal(loaded.fine_memory.keys, task.fine_memory.keys) and torch.equal(loaded.fine_memory.holds, task.fine_memory.holds)

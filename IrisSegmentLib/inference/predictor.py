@@ -166,9 +166,9 @@ class IrisPredictor:
         for row, value in enumerate(task.label_values):
             true = torch.from_numpy(truth == value)
             score = mask_dice(torch.from_numpy(first == value), true)
-            helps = row in task.refined and mask_dice(torch.from_numpy(both == value), true) > score
-            if helps:
-                score = mask_dice(torch.from_numpy(both == value), true)
+            refined = mask_dice(torch.from_numpy(both == value), true) if row in task.refined else score
+            helps = refined > score
+            score = max(score, refined)
             unknown = matching and score < FIT_BELOW
             if matching:
                 shares[row] = 1.0 if unknown else KNOWN_MATCH_WEIGHT
@@ -442,17 +442,13 @@ class IrisPredictor:
         tiles = windows(grid.shape, self.config.working_size)
         total = torch.zeros((len(task.label_values), *grid.shape), device=self.device)
         weight_sum = torch.zeros(grid.shape, device=self.device)
-        shares = torch.tensor(task.match_weights, device=self.device)[:, None, None, None] if matching and task.memory is not None else None
+        memory = task.memory if matching else None
         with torch.no_grad():
             for n, tile in enumerate(tiles):
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
-                window = pixels[(slice(None), *tile)][None]
                 with _device_memory():
-                    features = self.model.encoder(window)
-                    found = torch.sigmoid(self.model.decoder(features, tokens, tuple(window.shape[2:]))[0])
-                    if shares is not None and bool(shares.any()):
-                        found = (1 - shares) * found + shares * task.memory.prior(features, tuple(window.shape[2:]))
+                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights)
                 self.decoder_passes += 1
                 weight = gaussian_weight(found.shape[1:], self.device) if len(tiles) > 1 else torch.ones(found.shape[1:], device=self.device)
                 total[(slice(None), *tile)] += found * weight
@@ -489,13 +485,10 @@ class IrisPredictor:
         for n, (crop, members) in enumerate(crops):
             _check_cancel(cancel)
             _report(progress, n / len(crops), f"segmenting small structures: crop {n + 1} of {len(crops)}")
-            window = resample(normalized, target.affine, crop)[None]
+            memory = task.fine_memory.select(members) if task.fine_memory is not None else None
             with torch.no_grad(), _device_memory():
-                features = self.model.encoder(window)
-                found = torch.sigmoid(self.model.decoder(features, task.fine_tokens[members].to(self.device, torch.float32)[None], tuple(window.shape[2:]))[0])
-                shares = torch.tensor([task.match_weights[r] for r in members], device=self.device)[:, None, None, None]
-                if task.fine_memory is not None and bool(shares.any()):
-                    found = (1 - shares) * found + shares * task.fine_memory.select(members).prior(features, tuple(window.shape[2:]))
+                found = self._window_probabilities(resample(normalized, target.affine, crop)[None], task.fine_tokens[members].to(self.device, torch.float32)[None],
+                                                   memory, [task.match_weights[r] for r in members])
             self.decoder_passes += 1
             probabilities = torch.zeros_like(found)
             for k, row in enumerate(members):
@@ -506,6 +499,18 @@ class IrisPredictor:
             probabilities = drop_islands(probabilities, [task.thresholds[r] for r in members], [task.keep_largest[r] for r in members])
             overlays.append(Overlay(members, probabilities, crop))
         return overlays
+
+    def _window_probabilities(self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float]) -> torch.Tensor:
+        """Per-class probabilities (K, *window) of one window (batch of one) for (1, K, T, D) `tokens`: the
+        network's, blended per class with `memory`'s matched prior by `shares` (when there is a memory and
+        a share above 0); the encoder runs once for both."""
+        features = self.model.encoder(window)
+        size = tuple(window.shape[2:])
+        found = torch.sigmoid(self.model.decoder(features, tokens, size)[0])
+        if memory is None or not any(shares):
+            return found
+        weight = torch.tensor(shares, device=self.device)[:, None, None, None]
+        return (1 - weight) * found + weight * memory.prior(features, size)
 
     @staticmethod
     def _seed_level(task: TaskEmbedding, row: int, probability: torch.Tensor) -> float:
