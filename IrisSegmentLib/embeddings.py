@@ -23,7 +23,7 @@ from .model.serialization import load_tensors, save_tensors
 FORMAT = "iris-segment-task"
 MEMORY_PREFIX = "memory_"
 FINE_MEMORY_PREFIX = "fine_memory_"
-FORMAT_VERSION = "2"  # 2 added the matching memory; files of version 1 load without one
+FORMAT_VERSION = "2"  # 2 added the matching memory (its boundary band came later, optional); files of version 1 load without one
 READABLE_VERSIONS = ("1", "2")
 
 

@@ -61,7 +61,7 @@ def score_pair(predictor, reference, target) -> dict:
     (image, labels), (target_image, target_labels) = reference, target
     task = predictor.encode_reference(image, labels, skip_small=True, check_refinement=False, matching=False)
     segments = complete_segments(labels.segments, task.label_values)
-    _, _, _, pixels, masks = predictor.reference_on_grid(image, labels, task.label_values, segments, task.modality)
+    _, pixels, masks = predictor.reference_on_grid(image, labels, task.label_values, segments, task.modality)[2][0]
     probabilities, grid = predictor.probabilities(target_image, task)
     target_pixels, _ = predictor._working_target(target_image, task.modality, task.spacing)
     truth = predictor._truth_on_grid(target_labels, grid, task.label_values).bool()
@@ -74,7 +74,7 @@ def score_pair(predictor, reference, target) -> dict:
         coarse_keys, coarse_shares = F.normalize(F.avg_pool3d(keys[None], 2)[0], dim=0), F.avg_pool3d(shares[None], 2)[0]
         priors = {}
         for column, (k, m) in (("match/4", (keys, shares)), ("match/8", (coarse_keys, coarse_shares))):
-            votes = _vote(queries.flatten(1).T, k.flatten(1).T, m.flatten(1))
+            votes = _vote(queries.flatten(1).T, k.flatten(1).T, m.flatten(1))[0]
             priors[column] = F.interpolate(votes.reshape(1, -1, *size), size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]
         memory = MatchingMemory.of_reference(ref_features, masks)
         priors["memory"] = F.interpolate(memory.prior(target_features, size)[None], size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]

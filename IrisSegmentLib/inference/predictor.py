@@ -153,28 +153,46 @@ class IrisPredictor:
 
         With `matching` a class the network segments below FIT_BELOW Dice that way is one it does not
         know: the reference matching decides it alone (share 1), in the second pass too (a thin class is
-        matched again at the finer spacing, against the reference's crop: `_encode_fine`), which the
-        network's Dice cannot judge. The others get KNOWN_MATCH_WEIGHT of the matching's prior. Matching
-        everything lost HeadNeck's thin organs, which vanish on the matching's stride-4 grid
-        (benchmarks/results/matching_prior_shipped.md: 0.070 against the network's 0.618)."""
-        probabilities, grid = self.probabilities(image, task, cancel=cancel, matching=False)
-        onto = Grid(image.shape, image.affine)
-        first = self._label_map(task, probabilities, grid, onto)
-        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel)) if task.refined else first
-        truth = np.asarray(labels.array)
+        matched again at the finer spacing, against the reference's crop: `_encode_fine`). The others get
+        KNOWN_MATCH_WEIGHT of the matching's prior. Matching everything lost HeadNeck's thin organs, which
+        vanish on the matching's stride-4 grid (benchmarks/results/matching_prior_shipped.md: 0.070
+        against the network's 0.618). The network's Dice cannot judge a matched class's second pass, so
+        with `check_refinement` the reference is segmented once more, matched, to judge it the same way:
+        on TotalSeg_CT_example segmented with itself the second pass raised a right rib from 0.08 to 0.65
+        but lowered the small bowel from 0.93 to 0.79."""
+        first, both = self._reference_dice(task, image, labels, matching=False, cancel=cancel)
         spacings, fine_tokens, shares = list(task.fine_spacings), task.fine_tokens.clone(), list(task.match_weights)
-        for row, value in enumerate(task.label_values):
-            true = torch.from_numpy(truth == value)
-            score = mask_dice(torch.from_numpy(first == value), true)
-            refined = mask_dice(torch.from_numpy(both == value), true) if row in task.refined else score
-            helps = refined > score
-            score = max(score, refined)
-            unknown = matching and score < FIT_BELOW
+        for row in range(len(task.label_values)):
+            helps = both[row] > first[row]
+            unknown = matching and max(first[row], both[row]) < FIT_BELOW
             if matching:
                 shares[row] = 1.0 if unknown else KNOWN_MATCH_WEIGHT
             if row in task.refined and check_refinement and not helps and not unknown:
                 spacings[row], fine_tokens[row] = 0.0, 0.0
-        return replace(task, fine_spacings=spacings, fine_tokens=fine_tokens, match_weights=shares)
+        task = replace(task, fine_spacings=spacings, fine_tokens=fine_tokens, match_weights=shares)
+        matched = [row for row in task.refined if shares[row] == 1]
+        if not (check_refinement and matched):
+            return task
+        first, both = self._reference_dice(task, image, labels, matching=True, cancel=cancel)
+        for row in matched:
+            if both[row] <= first[row]:
+                spacings[row], fine_tokens[row] = 0.0, 0.0
+        return replace(task, fine_spacings=spacings, fine_tokens=fine_tokens)
+
+    def _reference_dice(self, task: TaskEmbedding, image: Volume, labels: Volume, matching: bool, cancel: Cancel) -> tuple[list[float], list[float]]:
+        """Per class, Dice on a task's own reference of the first pass and of both passes (the first's for a
+        class without a second pass), on the reference's grid; with or without the matching."""
+        probabilities, grid = self.probabilities(image, task, cancel=cancel, matching=matching)
+        onto = Grid(image.shape, image.affine)
+        first = self._label_map(task, probabilities, grid, onto)
+        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel)) if task.refined else first
+        truth = np.asarray(labels.array)
+        firsts, boths = [], []
+        for row, value in enumerate(task.label_values):
+            true = torch.from_numpy(truth == value)
+            firsts.append(mask_dice(torch.from_numpy(first == value), true))
+            boths.append(mask_dice(torch.from_numpy(both == value), true) if row in task.refined else firsts[-1])
+        return firsts, boths
 
     @property
     def min_class_voxels(self) -> int:
@@ -211,15 +229,18 @@ class IrisPredictor:
             )
         modality = resolve_modality(image.array, modality)
         _report(progress, 0.1, "preparing the reference")
-        normalized, spacing, grid, pixels, masks = self.reference_on_grid(image, labels, values, segments, modality)
+        normalized, spacing, views = self.reference_on_grid(image, labels, values, segments, modality)
+        grid, _, masks = views[0]
         if check_size is not None:
-            values, masks = self._large_enough(masks, values, segments, labels.name, spacing, skip=check_size == "skip")
+            kept, masks = self._large_enough(masks, values, segments, labels.name, spacing, skip=check_size == "skip")
+            views = [(g, pixels, view_masks[[values.index(v) for v in kept]]) for g, pixels, view_masks in views]
+            values = kept
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
-            features = self.model.encoder(pixels[None])
-            tokens = self.model.task_tokens(features, masks[None])[0]
-            memory = MatchingMemory.of_reference(features, masks) if matching else None
+            encoded = [(self.model.encoder(pixels[None]), view_masks) for _, pixels, view_masks in (views if matching else views[:1])]
+            tokens = self.model.task_tokens(encoded[0][0], encoded[0][1][None])[0]
+            memory = MatchingMemory.of_views([MatchingMemory.of_reference(f, m) for f, m in encoded]) if matching else None
         _report(progress, 0.7, "encoding small classes at a finer spacing")
         fine_tokens, fine_spacings, fine_memory = self._encode_fine(normalized, image, labels, values, masks, grid, cancel, matching)
         self.references_encoded += 1
@@ -232,19 +253,26 @@ class IrisPredictor:
 
     def reference_on_grid(
         self, image: Volume, labels: Volume, values: list[int], segments: dict[int, dict], modality: str,
-    ) -> tuple[torch.Tensor, float, Grid, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, float, list[tuple[Grid, torch.Tensor, torch.Tensor]]]:
         """What the encoder sees of a reference: its normalized image, the working spacing (the body
-        fitted to the working size), the working grid (a crop of that size centred on the classes),
-        the image on that grid (1, *grid) and one mask per class there (K, *grid)."""
+        fitted to the working size) and its views, each a working grid with the image (1, *grid) and
+        one mask per class (K, *grid) there. The first view is a crop of that size centred on the
+        classes (the task tokens come from it); the second, where it differs, the grid a target gets
+        (`_working_target`: the body), where the reference's matching memory sees the reference framed
+        as a target is, voxel for voxel on the reference itself."""
         lo, hi = foreground_box(image.array, modality)
         spacing = fit_spacing(image.affine, lo, hi, self.config.working_size)
         self._check_extent(image, spacing, "reference")
         idx = np.argwhere(np.isin(labels.array, values))
         center_index = (idx.min(0) + idx.max(0)) / 2
         center = image.affine[:3, :3] @ center_index + image.affine[:3, 3]
-        grid = crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)
+        grids = [crop_grid(image.affine, image.shape, center, spacing, self.config.working_size, self.config.total_stride)]
+        if (idx.min(0) >= lo).all() and (idx.max(0) <= hi).all():
+            body = covering_grid(image.affine, lo, hi, spacing, self.config.total_stride, max_size=self.config.working_size)
+            if body.shape != grids[0].shape or not np.allclose(body.affine, grids[0].affine):
+                grids.append(body)
         normalized = self._normalized(image, modality)
-        return normalized, spacing, grid, resample(normalized, image.affine, grid), self._class_masks(labels, values, grid, segments)
+        return normalized, spacing, [(grid, resample(normalized, image.affine, grid), self._class_masks(labels, values, grid, segments)) for grid in grids]
 
     def _encode_fine(
         self, normalized: torch.Tensor, image: Volume, labels: Volume, values: list[int], masks: torch.Tensor, grid: Grid, cancel: Cancel,
@@ -322,12 +350,27 @@ class IrisPredictor:
         while pending:
             wmin, wmax = fits[pending[0]]
             sides = [min(REFINE_MAX_SIDE, max(REFINE_MIN_SIDE, round_up(e / spacing, self.config.total_stride))) for e in (wmax - wmin) + 2 * margin]
-            crop = aligned_grid((wmin + wmax) / 2, spacing, tuple(sides))
+            centred = aligned_grid((wmin + wmax) / 2, spacing, tuple(sides))
+            crop = self._on_lattice(centred, spacing, fits[pending[0]], margin) or centred
             cmin, cmax = crop.world_bounds()
             rows = [row for row in pending if (fits[row][0] >= cmin + margin - 1e-6).all() and (fits[row][1] <= cmax - margin + 1e-6).all()]
             crops.append((crop, rows))
             pending = [row for row in pending if row not in rows]
         return crops
+
+    def _on_lattice(self, crop: Grid, spacing: float, box: tuple[np.ndarray, np.ndarray], margin: float) -> Grid | None:
+        """`crop` moved (by less than the network's total stride) so that its first voxel lies on the RAS
+        lattice of total-stride voxels: crops at one spacing then see a structure alike wherever they are
+        cut, the reference's crop and the target's included, so the matching finds the same features at the
+        same place. Grown by one stride where that still fits REFINE_MAX_SIDE; None where the moved crop no
+        longer holds `box` with `margin` to spare."""
+        step = spacing * self.config.total_stride
+        shape = tuple(min(REFINE_MAX_SIDE, n + self.config.total_stride) for n in crop.shape)
+        affine = crop.affine.copy()
+        affine[:3, 3] = np.floor((affine[:3, 3] + 1e-6) / step) * step
+        moved = Grid(shape, affine)
+        cmin, cmax = moved.world_bounds()
+        return moved if (box[0] >= cmin + margin - 1e-6).all() and (box[1] <= cmax - margin + 1e-6).all() else None
 
     def _large_enough(
         self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float, skip: bool,
@@ -503,14 +546,17 @@ class IrisPredictor:
     def _window_probabilities(self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float]) -> torch.Tensor:
         """Per-class probabilities (K, *window) of one window (batch of one) for (1, K, T, D) `tokens`: the
         network's, blended per class with `memory`'s matched prior by `shares` (when there is a memory and
-        a share above 0); the encoder runs once for both."""
+        a share above 0), and all the prior where the window sees the reference's own anatomy (an exact
+        match: `MatchingMemory.match`); the encoder runs once for both."""
         features = self.model.encoder(window)
         size = tuple(window.shape[2:])
         found = torch.sigmoid(self.model.decoder(features, tokens, size)[0])
         if memory is None or not any(shares):
             return found
+        prior, exact = memory.match(features, size)
         weight = torch.tensor(shares, device=self.device)[:, None, None, None]
-        return (1 - weight) * found + weight * memory.prior(features, size)
+        weight = weight + (1 - weight) * exact[None]
+        return (1 - weight) * found + weight * prior
 
     @staticmethod
     def _seed_level(task: TaskEmbedding, row: int, probability: torch.Tensor) -> float:
