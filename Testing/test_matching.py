@@ -74,6 +74,8 @@ def test_the_band_redraws_a_thin_structure_only_where_the_target_finds_the_refer
     stride4 = replace(memory, band=None)
     assert dice(stride4.prior(features, (16, 16, 16))[0] > 0.5, masks[0] > 0) == 0
     assert dice(memory.prior(features, (16, 16, 16))[0] > 0.5, masks[0] > 0) > 0.8
+    as_new_patient, seen = memory.match(features, (16, 16, 16), exact=False)  # how an ensemble calibrates on its references
+    assert torch.equal(as_new_patient, stride4.prior(features, (16, 16, 16))) and not seen.any()
     other = _features(5)
     assert torch.allclose(memory.prior(other, (16, 16, 16)), stride4.prior(other, (16, 16, 16)))
 
@@ -177,6 +179,21 @@ def test_matching_makes_the_engine_follow_a_reference_the_network_cannot_segment
     network = dice(predictor.segment(image, alone).array > 0, truth)
     own = dice(predictor.segment(image, matched).array > 0, truth)
     assert own > 0.4 and own > network + 0.3, (own, network)
+
+
+def test_the_reference_is_also_remembered_as_a_target_would_be_seen(predictor) -> None:
+    """The tokens come from the crop around the classes; the matching memory holds the reference on that
+    crop and on the grid the same scan gets as a target, voxel for voxel, so that segmenting the reference
+    itself finds each voxel's own features."""
+    require_data()
+    image, labels = case("001")
+    task = predictor.encode_reference(image, labels)
+    _, spacing, views = predictor.reference_on_grid(image, labels, task.label_values, task.segments, task.modality)
+    assert len(views) == 2 and spacing == task.spacing
+    _, target_grid = predictor._working_target(image, task.modality, task.spacing)
+    assert views[1][0].shape == target_grid.shape and np.allclose(views[1][0].affine, target_grid.affine)
+    alone = [MatchingMemory.of_reference(predictor.model.encoder(pixels[None]), masks) for _, pixels, masks in views]
+    assert task.memory.keys.shape[0] == sum(m.keys.shape[0] for m in alone) and task.memory.holds.shape == (2, 1)
 
 
 def test_tune_adds_the_corrected_scan_to_the_matching_memory(predictor) -> None:

@@ -15,7 +15,7 @@ import torch
 from engine_fixtures import CallCounter, case, model, predictor  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
-from IrisSegmentLib.inference.predictor import REFINE_FACTOR
+from IrisSegmentLib.inference.predictor import REFINE_FACTOR, REFINE_MARGIN
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
 from IrisSegmentLib.preprocessing.grid import Grid, Overlay, aligned_grid, labels_on_grid
 from IrisSegmentLib.volume import Volume
@@ -157,6 +157,43 @@ def test_a_thin_class_keeps_its_second_pass_only_where_it_segments_the_reference
         assert kept == (both > first), (row, first, both)
         assert torch.equal(checked.fine_tokens[row], unchecked.fine_tokens[row] if kept else torch.zeros_like(unchecked.fine_tokens[row]))
     assert checked.fine_spacings[0] == 0  # the ball was never a candidate
+
+
+def test_a_matched_thin_class_keeps_its_second_pass_only_where_the_matched_passes_segment_the_reference_better(predictor, rod_and_ball):
+    """The random network knows nothing, so the matching decides every class; its second pass is judged
+    by segmenting the reference with the matching, as the target will be."""
+    image, labels = rod_and_ball
+    thin = np.zeros_like(labels.array)
+    thin[58:62, 50:110, 50:110] = 3
+    many = Volume(np.where(thin > 0, thin, labels.array), labels.affine, "three", {**labels.segments, 3: {"name": "slab"}})
+    unchecked = predictor.encode_reference(image, many, check_refinement=False)
+    assert unchecked.match_weights == [1.0, 1.0, 1.0] and unchecked.refined == [1, 2]
+    checked = predictor.encode_reference(image, many)
+    first_pass, both_passes = (predictor.segment(image, unchecked, refine=refine).array for refine in (False, True))
+    for row in unchecked.refined:
+        value = unchecked.label_values[row]
+        first, both = dice_of(first_pass == value, many.array == value), dice_of(both_passes == value, many.array == value)
+        assert (checked.fine_spacings[row] > 0) == (both > first), (row, first, both)
+
+
+def test_second_pass_crops_start_on_the_stride_lattice_and_hold_their_classes_with_the_margin(predictor):
+    """Crops at one spacing cut where the reference's were cut, wherever the class lies: the first voxel of
+    every crop sits on the world lattice of total-stride voxels, and each class is inside its crop with
+    REFINE_MARGIN voxels to spare."""
+    rng = np.random.default_rng(3)
+    spacing, stride = 1.25, predictor.config.total_stride
+    boxes = {}
+    for row in range(6):
+        low = rng.uniform(-100, 100, 3)
+        boxes[row] = (low, low + rng.uniform(3, 40, 3))
+    crops = predictor._fine_crops(boxes, spacing)
+    assert sorted(row for _, rows in crops for row in rows) == list(range(6))
+    for crop, rows in crops:
+        lattice = crop.affine[:3, 3] / (spacing * stride)
+        assert np.allclose(lattice, np.round(lattice), atol=1e-6)
+        low, high = crop.world_bounds()
+        for row in rows:
+            assert (boxes[row][0] >= low + REFINE_MARGIN * spacing - 1e-6).all() and (boxes[row][1] <= high - REFINE_MARGIN * spacing + 1e-6).all()
 
 
 def dice_of(a: np.ndarray, b: np.ndarray) -> float:

@@ -181,12 +181,15 @@ class MatchingMemory:
         4) and upsampled to `size`."""
         return self.match(features, size)[0]
 
-    def match(self, features: list[torch.Tensor], size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def match(self, features: list[torch.Tensor], size: tuple[int, ...], exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """`prior`, and (*size) where the target finds a memory voxel at least EXACT_MATCH similar (1) or
-        not (0), upsampled alike: where it sees the reference's own anatomy."""
+        not (0), upsampled alike: where it sees the reference's own anatomy. Without `exact` no voxel is
+        taken for exact and the band is not voted: the prior a new patient gets."""
         queries = descriptors(features)[0]
         grid = tuple(queries.shape[1:])
         votes, best = self._votes(queries.flatten(1).T)
+        if not exact:
+            best = torch.zeros_like(best)
         prior = votes.reshape(1, -1, *grid)
         upsampled = F.interpolate(torch.cat([prior, (best >= EXACT_MATCH).float().reshape(1, 1, *grid)], 1), size=size, mode="trilinear",
                                   align_corners=False)[0]

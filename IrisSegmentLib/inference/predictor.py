@@ -470,11 +470,12 @@ class IrisPredictor:
 
     def probabilities(
         self, target: Volume, task: TaskEmbedding, progress: Progress = None, cancel: Cancel = None, allow_modality_mismatch: bool = False,
-        matching: bool = True,
+        matching: bool = True, exact: bool = True,
     ) -> tuple[torch.Tensor, Grid]:
         """Per-class probabilities (K, *grid) on the working grid of the target: the network's, blended per
         class with the reference matching's prior by the task's matching shares (unless not `matching`:
-        the network alone, as when judging the network on a reference, which matches itself)."""
+        the network alone, as when judging the network on a reference, which matches itself); without
+        `exact`, as if the target were a new patient (`MatchingMemory.match`)."""
         self._check_task(task)
         target.check_image()
         modality = resolve_modality(target.array, None)
@@ -491,7 +492,7 @@ class IrisPredictor:
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
                 with _device_memory():
-                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights)
+                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights, exact)
                 self.decoder_passes += 1
                 weight = gaussian_weight(found.shape[1:], self.device) if len(tiles) > 1 else torch.ones(found.shape[1:], device=self.device)
                 total[(slice(None), *tile)] += found * weight
@@ -543,19 +544,21 @@ class IrisPredictor:
             overlays.append(Overlay(members, probabilities, crop))
         return overlays
 
-    def _window_probabilities(self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float]) -> torch.Tensor:
+    def _window_probabilities(
+        self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float], exact: bool = True,
+    ) -> torch.Tensor:
         """Per-class probabilities (K, *window) of one window (batch of one) for (1, K, T, D) `tokens`: the
         network's, blended per class with `memory`'s matched prior by `shares` (when there is a memory and
         a share above 0), and all the prior where the window sees the reference's own anatomy (an exact
-        match: `MatchingMemory.match`); the encoder runs once for both."""
+        match: `MatchingMemory.match`, unless not `exact`); the encoder runs once for both."""
         features = self.model.encoder(window)
         size = tuple(window.shape[2:])
         found = torch.sigmoid(self.model.decoder(features, tokens, size)[0])
         if memory is None or not any(shares):
             return found
-        prior, exact = memory.match(features, size)
+        prior, seen = memory.match(features, size, exact)
         weight = torch.tensor(shares, device=self.device)[:, None, None, None]
-        weight = weight + (1 - weight) * exact[None]
+        weight = weight + (1 - weight) * seen[None]
         return (1 - weight) * found + weight * prior
 
     @staticmethod
@@ -618,7 +621,9 @@ class IrisPredictor:
         """Context ensemble of `tasks` with per-class thresholds and island removal fitted
         leave-one-out: each reference is segmented with the ensemble of the other tasks and scored
         against its own labels (inference/calibration.py); islands are judged at the chosen
-        thresholds. references[i] is the (image, labels) tasks[i] was encoded from; tasks beyond
+        thresholds. The references are segmented as new patients (no exact matches: `probabilities`):
+        scans of one patient match each other exactly, and Fetal_Brain_MRI's runs of one fetus,
+        calibrated with their exact matches, lost a new fetus from 0.75 to 0.11 Dice. references[i] is the (image, labels) tasks[i] was encoded from; tasks beyond
         them (loaded task files) only take part in the ensembles."""
         if len(references) > len(tasks):
             raise ValueError("every reference needs the task encoded from it")
@@ -634,7 +639,8 @@ class IrisPredictor:
             held_out = self._classes_in(others, labels)
             if not held_out:
                 continue
-            probabilities, grid = self.probabilities(image, replace(others.select([others.label_values[r] for r, _ in held_out]), spacing=ensemble.spacing))
+            probabilities, grid = self.probabilities(image, replace(others.select([others.label_values[r] for r, _ in held_out]), spacing=ensemble.spacing),
+                                                     exact=False)
             probabilities, truth = probabilities.cpu(), self._truth_on_grid(labels, grid, [v for _, v in held_out]).bool().cpu()
             found = dice_by_threshold(probabilities, truth)
             keys = others.class_keys()
