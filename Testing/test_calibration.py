@@ -70,7 +70,7 @@ def known_probabilities(predictor, monkeypatch):
     truths: dict[int, Volume] = {}
     calls: list[tuple[str, list[str]]] = []
 
-    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False, matching=True):
+    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False, matching=True, exact=True):
         _, grid = predictor._working_target(image, task.modality, task.spacing)
         labels = truths[id(image)]
         by_name = {s["name"]: v for v, s in labels.segments.items()}

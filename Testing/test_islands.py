@@ -62,7 +62,7 @@ def probabilities_with_an_island(predictor, monkeypatch):
     false island of the posterior hippocampus near a corner of the working grid."""
     truths: dict[int, Volume] = {}
 
-    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False, matching=True):
+    def fake(image, task, progress=None, cancel=None, allow_modality_mismatch=False, matching=True, exact=True):
         _, grid = predictor._working_target(image, task.modality, task.spacing)
         labels = truths[id(image)]
         by_name = {s["name"]: v for v, s in labels.segments.items()}
