@@ -188,16 +188,13 @@ class MatchingMemory:
         queries = descriptors(features)[0]
         grid = tuple(queries.shape[1:])
         votes, best = self._votes(queries.flatten(1).T)
-        if not exact:
-            best = torch.zeros_like(best)
+        exactly = (best >= EXACT_MATCH).reshape(1, 1, *grid) & exact
         prior = votes.reshape(1, -1, *grid)
-        upsampled = F.interpolate(torch.cat([prior, (best >= EXACT_MATCH).float().reshape(1, 1, *grid)], 1), size=size, mode="trilinear",
-                                  align_corners=False)[0]
-        prior, exact = upsampled[:-1], upsampled[-1]
-        if self.band is None or all(n <= g for n, g in zip(size, grid)) or not (best >= EXACT_MATCH).any():
-            return prior, exact
-        change = self.band._correction(votes.reshape(1, -1, *grid), (best >= EXACT_MATCH).reshape(1, 1, *grid), features)
-        return (prior + F.interpolate(change, size=size, mode="trilinear", align_corners=False)[0]).clamp(0, 1), exact
+        upsampled = F.interpolate(torch.cat([prior, exactly.float()], 1), size=size, mode="trilinear", align_corners=False)[0]
+        if self.band is None or all(n <= g for n, g in zip(size, grid)) or not exactly.any():
+            return upsampled[:-1], upsampled[-1]
+        change = self.band._correction(prior, exactly, features)
+        return (upsampled[:-1] + F.interpolate(change, size=size, mode="trilinear", align_corners=False)[0]).clamp(0, 1), upsampled[-1]
 
     def _correction(self, prior: torch.Tensor, exact: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """(1, K, *stride-2 grid): what this band memory's vote changes of the stride-4 `prior` (1, K,
