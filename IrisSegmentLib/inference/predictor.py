@@ -352,8 +352,7 @@ class IrisPredictor:
             sides = [min(REFINE_MAX_SIDE, max(REFINE_MIN_SIDE, round_up(e / spacing, self.config.total_stride))) for e in (wmax - wmin) + 2 * margin]
             centred = aligned_grid((wmin + wmax) / 2, spacing, tuple(sides))
             crop = self._on_lattice(centred, spacing, fits[pending[0]], margin) or centred
-            cmin, cmax = crop.world_bounds()
-            rows = [row for row in pending if (fits[row][0] >= cmin + margin - 1e-6).all() and (fits[row][1] <= cmax - margin + 1e-6).all()]
+            rows = [row for row in pending if _holds(crop, fits[row], margin)]
             crops.append((crop, rows))
             pending = [row for row in pending if row not in rows]
         return crops
@@ -369,8 +368,7 @@ class IrisPredictor:
         affine = crop.affine.copy()
         affine[:3, 3] = np.floor((affine[:3, 3] + 1e-6) / step) * step
         moved = Grid(shape, affine)
-        cmin, cmax = moved.world_bounds()
-        return moved if (box[0] >= cmin + margin - 1e-6).all() and (box[1] <= cmax - margin + 1e-6).all() else None
+        return moved if _holds(moved, box, margin) else None
 
     def _large_enough(
         self, masks: torch.Tensor, values: list[int], segments: dict[int, dict], name: str, spacing: float, skip: bool,
@@ -1009,6 +1007,12 @@ class IrisPredictor:
             self.model.memory_bank[rows].float().cpu(), values, complete_segments(segments, values), modality, 0.0, self.model_id, ["memory bank"]
         )
 
+
+
+def _holds(crop: Grid, box: tuple[np.ndarray, np.ndarray], margin: float) -> bool:
+    """Whether the RAS box (min, max) lies inside `crop` with `margin` mm to spare on every side."""
+    cmin, cmax = crop.world_bounds()
+    return bool((box[0] >= cmin + margin - 1e-6).all() and (box[1] <= cmax - margin + 1e-6).all())
 
 
 def _world_boxes(masks: torch.Tensor, grid: Grid) -> list[tuple[np.ndarray, np.ndarray] | None]:
