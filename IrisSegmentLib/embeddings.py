@@ -23,8 +23,10 @@ from .model.serialization import load_tensors, save_tensors
 FORMAT = "iris-segment-task"
 MEMORY_PREFIX = "memory_"
 FINE_MEMORY_PREFIX = "fine_memory_"
-FORMAT_VERSION = "2"  # 2 added the matching memory (its boundary band came later, optional); files of version 1 load without one
-READABLE_VERSIONS = ("1", "2")
+# 2 added the matching memory (its boundary band came later, optional); files of version 1 load without one. 3 keeps
+# the band's classes as bits of each key's 2x2x2 working voxels (inference/matching.py) instead of stride-2 shares.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 
 
 def name_key(name: str) -> str:

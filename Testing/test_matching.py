@@ -13,7 +13,7 @@ from engine_fixtures import case, model, predictor, require_data  # noqa: F401
 from IrisSegmentLib.embeddings import TaskEmbedding
 from IrisSegmentLib.errors import WeightsError
 from IrisSegmentLib.evaluation.metrics import dice
-from IrisSegmentLib.inference.matching import MatchingMemory, descriptors, matching_loss
+from IrisSegmentLib.inference.matching import MatchingMemory, descriptors, drawn_at_stride, matching_loss, pack_cells, spread_cells, unpack_cells
 from IrisSegmentLib.model.serialization import load_tensors, save_tensors
 from IrisSegmentLib.volume import Volume
 from support import DATA, require_paths
@@ -80,6 +80,19 @@ def test_the_band_redraws_a_thin_structure_only_where_the_target_finds_the_refer
     assert torch.allclose(memory.prior(other, (16, 16, 16)), stride4.prior(other, (16, 16, 16)))
 
 
+def test_the_band_redraws_a_structure_thinner_than_its_own_voxels_at_the_working_voxels() -> None:
+    """A slab one working voxel thick is half of each stride-2 voxel it crosses: band shares of a half
+    would lose it or double it. The band keys' 2x2x2 bits put it back voxel for voxel on the reference."""
+    features = _features(6)
+    masks = torch.zeros(1, 16, 16, 16)
+    masks[0, :, 7] = 1
+    memory = MatchingMemory.of_reference(features, masks)
+    assert memory.band.detail is not None and torch.equal(spread_cells(unpack_cells(pack_cells(masks).flatten(1)).reshape(1, 8, 8, 8, 8)).float(), masks)
+    assert dice(memory.prior(features, (16, 16, 16))[0] > 0.5, masks[0] > 0) > 0.95
+    shares = replace(memory, band=replace(memory.band, detail=None))  # a band without detail: format 2 task files
+    assert dice(shares.prior(features, (16, 16, 16))[0] > 0.5, masks[0] > 0) < 0.8
+
+
 def test_far_background_is_kept_coarser_than_the_voxels_near_a_class() -> None:
     """Stride-8 blocks out of reach of every class keep one averaged descriptor instead of eight."""
     features = [torch.randn(1, c, s, s, s) for c, s in ((4, 16), (8, 8), (16, 4), (32, 2))]  # a 32^3 working grid
@@ -137,10 +150,18 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
     assert torch.equal(loaded.memory.holds, task.memory.holds) and torch.equal(loaded.memory.reference, task.memory.reference)
     assert torch.equal(loaded.memory.band.keys, task.memory.band.keys) and torch.equal(loaded.memory.band.masks, task.memory.band.masks)
 
+    assert torch.equal(loaded.memory.band.detail, task.memory.band.detail)
+
     tensors, meta = load_tensors(path)
+    assert "memory_band_masks" not in tensors  # the band's shares are its detail's bits counted
     unbanded = tmp_path / "unbanded.safetensors"  # format 2 as written before the boundary band
-    save_tensors(unbanded, {k: v for k, v in tensors.items() if not k.startswith("memory_band_")}, meta)
+    save_tensors(unbanded, {k: v for k, v in tensors.items() if not k.startswith("memory_band_")}, {**meta, "format_version": "2"})
     assert TaskEmbedding.load(unbanded).memory.band is None
+    shares_only = tmp_path / "shares.safetensors"  # format 2 with the band as stride-2 shares, before its detail
+    save_tensors(shares_only, {**{k: v for k, v in tensors.items() if k != "memory_band_detail"},
+                               "memory_band_masks": task.memory.band.masks}, {**meta, "format_version": "2"})
+    band = TaskEmbedding.load(shares_only).memory.band
+    assert band.detail is None and torch.equal(band.masks, task.memory.band.masks)
     older = tmp_path / "older.safetensors"  # format 1, written before matching existed
     save_tensors(older, {"tokens": tensors["tokens"], "fine_tokens": tensors["fine_tokens"]},
                  {**{k: v for k, v in meta.items() if k != "match_weights"}, "format_version": "1"})
@@ -149,7 +170,8 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
 
     for name, broken in {"nan": {**tensors, "memory_keys": torch.full_like(tensors["memory_keys"], float("nan"))},
                          "band nan": {**tensors, "memory_band_keys": torch.full_like(tensors["memory_band_keys"], float("nan"))},
-                         "band of other classes": {**tensors, "memory_band_masks": tensors["memory_band_masks"][:1]},
+                         "band of other classes": {**tensors, "memory_band_detail": tensors["memory_band_detail"][:1]},
+                         "band detail not bits": {**tensors, "memory_band_detail": tensors["memory_band_detail"].float()},
                          "lost": {k: v for k, v in tensors.items() if not k.startswith("memory_")}}.items():
         save_tensors(tmp_path / f"{name}.safetensors", broken, meta)
         with pytest.raises(WeightsError, match="corrupt"):
@@ -179,6 +201,35 @@ def test_matching_makes_the_engine_follow_a_reference_the_network_cannot_segment
     network = dice(predictor.segment(image, alone).array > 0, truth)
     own = dice(predictor.segment(image, matched).array > 0, truth)
     assert own > 0.4 and own > network + 0.3, (own, network)
+
+
+def test_what_the_stride_4_vote_can_draw_of_a_class() -> None:
+    block, slab, nothing = torch.zeros(3, 16, 16, 16)
+    block[4:12, 4:12, 4:12] = 1  # two stride-4 voxels a side: drawn but for its edges, rounded by the upsampling
+    slab[:, :, 7] = 1  # a quarter of the stride-4 voxels it crosses: never above a half
+    drawn = drawn_at_stride(torch.stack([block, slab, nothing]), 4)
+    assert 0.85 < drawn[0] < 0.9 and drawn[1:] == [0.0, 0.0]
+
+
+def test_a_known_class_the_matching_cannot_draw_keeps_the_network_but_for_exact_matches(predictor, monkeypatch) -> None:
+    """A class the network knows takes a quarter of the matching's vote only where the stride-4 vote can draw
+    it well (DRAWN_FOR_KNOWN): the hippocampus, a few stride-4 voxels across, gets none. Where the target is
+    the reference itself the exact matches still copy its labels."""
+    from IrisSegmentLib.inference import predictor as engine
+
+    require_data()
+    image, labels = case("001")
+    monkeypatch.setattr(engine, "FIT_BELOW", 0.0)  # the random network "knows" both classes
+    task = predictor.encode_reference(image, labels)
+    drawn = predictor._drawn_by_matching(task, labels)
+    assert all(0.3 < d < engine.DRAWN_FOR_KNOWN for d in drawn), drawn
+    assert task.match_weights == [0.0, 0.0]
+    monkeypatch.setattr(engine, "DRAWN_FOR_KNOWN", 0.0)
+    assert predictor.encode_reference(image, labels).match_weights == [engine.KNOWN_MATCH_WEIGHT] * 2
+    truth = labels.array > 0
+    network = dice(predictor.segment(image, replace(task, memory=None, match_weights=[0.0, 0.0])).array > 0, truth)
+    own = dice(predictor.segment(image, task).array > 0, truth)
+    assert own > network + 0.2, (own, network)  # 0.33 against 0.09: fewer voxels match exactly than share 1 takes (0.51 above)
 
 
 def test_the_reference_is_also_remembered_as_a_target_would_be_seen(predictor) -> None:

@@ -22,6 +22,13 @@ voted again among the band, and that vote replaces the prior where the band hold
 the same anatomy seen alike, as in a follow-up scan or the reference itself. On TotalSeg_CT_example
 segmented with itself it raised the working-grid Dice from 0.43 to 0.76; between different patients
 hardly a voxel is that similar, and the stride-4 prior stays as it is.
+
+A rib is one or two working voxels thick: half a stride-2 voxel, still lost in a share. So each band key
+also carries the classes of its 2x2x2 working voxels (`detail`, one bit each, a byte per class), and the
+band's vote places them at the working voxels of the target's stride-2 voxel it redraws. Self-segmentation
+of TotalSeg_CT_example's 40 classes of 1 cm3 or more went from 0.782 to 0.969 Dice with it (ribs 10-12
+from 0.17-0.57 to 0.89-0.99), TotalSeg_MR_example's 22 from 0.868 to 0.972, and a band's file is smaller:
+a byte per class and key instead of a float16 share.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ UNSURE = 0.02  # a stride-4 prior between this and 1 - this for some class is vo
 # HeadNeck_CT, Abdomen_MRI, Hippocampus_MRI pairs: 99.9th percentiles 0.949-0.978).
 EXACT_MATCH = 0.98
 BAND_PREFIX = "band_"  # a band memory's tensors in a file: its memory's prefix followed by this
+CELLS = 8  # working voxels of one stride-2 band voxel: the bits of a band key's `detail`
 
 
 def descriptors(features: list[torch.Tensor]) -> torch.Tensor:
@@ -77,13 +85,16 @@ class MatchingMemory:
     each class's share of it (`masks`, (K, N) float16) and the reference it comes from (`reference`, (N,));
     `holds` (K, R) says which references hold each class, so a reference that lacks a class (an ensemble
     of references labelled differently) never votes that class absent. `band` is the memory of the
-    boundary band (the module docstring), kept alike; None in task files written before it."""
+    boundary band (the module docstring), kept alike; None in task files written before it. A band's
+    `detail` (K, N) uint8 holds each class's 2x2x2 working voxels of each key as bits (`pack_cells`);
+    None in task files written before it, where the band redraws stride-2 shares."""
 
     keys: torch.Tensor
     masks: torch.Tensor
     reference: torch.Tensor
     holds: torch.Tensor
     band: "MatchingMemory | None" = None
+    detail: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.keys.shape[0]
@@ -97,6 +108,8 @@ class MatchingMemory:
             raise ValueError("the matching memory holds NaN or infinite values")
         if self.band is not None and (self.band.masks.shape[0] != self.masks.shape[0] or self.band.holds.shape != self.holds.shape):
             raise ValueError("a matching memory's band must hold the same classes and references as the memory")
+        if self.detail is not None and (self.detail.shape != self.masks.shape or self.detail.dtype != torch.uint8):
+            raise ValueError("a band's detail must be (K, N) bytes, one per class and key")
 
     @classmethod
     def of_reference(cls, features: list[torch.Tensor], masks: torch.Tensor) -> "MatchingMemory":
@@ -118,11 +131,14 @@ class MatchingMemory:
         """The boundary band of one reference: its stride-2 voxels with, within one voxel, both some of a
         class and some of not that class."""
         described = band_descriptors(features)[0]
-        shares = F.adaptive_avg_pool3d(masks[None].float(), tuple(described.shape[1:]))[0]
+        size = tuple(described.shape[1:])
+        shares = F.adaptive_avg_pool3d(masks[None].float(), size)[0]
         inside = F.max_pool3d((shares > 0).float()[None], 3, stride=1, padding=1)[0] > 0
         outside = F.max_pool3d((shares < 1).float()[None], 3, stride=1, padding=1)[0] > 0
         band = (inside & outside).any(0)
-        return cls(described[:, band].T.half().cpu(), shares[:, band].half().cpu(), torch.zeros(int(band.sum()), dtype=torch.int64), holds)
+        detail = pack_cells(masks)[:, band].cpu() if tuple(masks.shape[1:]) == tuple(2 * n for n in size) else None
+        return cls(described[:, band].T.half().cpu(), shares[:, band].half().cpu(), torch.zeros(int(band.sum()), dtype=torch.int64), holds,
+                   detail=detail)
 
     @staticmethod
     def of_views(views: list["MatchingMemory"]) -> "MatchingMemory":
@@ -133,47 +149,61 @@ class MatchingMemory:
         Fetal_Brain_MRI's one-shot pairs the two views scored 0.513 where either alone scored 0.465-0.503."""
         first = views[0]
         bands = [view.band for view in views if view.band is not None]
+        details = [view.detail for view in views if view.detail is not None]
         return MatchingMemory(torch.cat([view.keys for view in views]), torch.cat([view.masks for view in views], 1),
                               torch.cat([view.reference for view in views]), first.holds,
-                              MatchingMemory.of_views(bands) if len(bands) == len(views) else None)
+                              MatchingMemory.of_views(bands) if len(bands) == len(views) else None,
+                              torch.cat(details, 1) if len(details) == len(views) else None)
 
     def select(self, rows: list[int]) -> "MatchingMemory":
-        return MatchingMemory(self.keys, self.masks[rows], self.reference, self.holds[rows], self.band.select(rows) if self.band is not None else None)
+        return MatchingMemory(self.keys, self.masks[rows], self.reference, self.holds[rows], self.band.select(rows) if self.band is not None else None,
+                              self.detail[rows] if self.detail is not None else None)
 
     @staticmethod
     def combine(parts: list[tuple["MatchingMemory", list[int | None]]]) -> "MatchingMemory":
         """Several memories as one, for an ensemble of K classes: each part with, per ensemble class, its
         own row of that class (None where its references lack the class)."""
         classes = len(parts[0][1])
-        keys, masks, reference, holds, offset = [], [], [], [], 0
+        keys, masks, details, reference, holds, offset = [], [], [], [], [], 0
         for memory, rows in parts:
             keys.append(memory.keys)
             reference.append(memory.reference + offset)
             part_masks = torch.zeros((classes, memory.keys.shape[0]), dtype=memory.masks.dtype)
+            part_detail = torch.zeros((classes, memory.keys.shape[0]), dtype=torch.uint8)
             part_holds = torch.zeros((classes, memory.holds.shape[1]), dtype=torch.bool)
             for k, row in enumerate(rows):
                 if row is not None:
                     part_masks[k], part_holds[k] = memory.masks[row], memory.holds[row]
+                    if memory.detail is not None:
+                        part_detail[k] = memory.detail[row]
             masks.append(part_masks)
+            details.append(part_detail)
             holds.append(part_holds)
             offset += memory.holds.shape[1]
         band = None
         if all(memory.band is not None for memory, _ in parts):
             band = MatchingMemory.combine([(memory.band, rows) for memory, rows in parts])  # type: ignore[misc]
-        return MatchingMemory(torch.cat(keys), torch.cat(masks, 1), torch.cat(reference), torch.cat(holds, 1), band)
+        detailed = all(memory.detail is not None for memory, _ in parts)
+        return MatchingMemory(torch.cat(keys), torch.cat(masks, 1), torch.cat(reference), torch.cat(holds, 1), band,
+                              torch.cat(details, 1) if detailed else None)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """For a safetensors file (holds as uint8: the format's bool is not read everywhere)."""
-        tensors = {f"{prefix}keys": self.keys.half(), f"{prefix}masks": self.masks.half(), f"{prefix}reference": self.reference.to(torch.int32),
-                   f"{prefix}holds": self.holds.to(torch.uint8)}
+        """For a safetensors file (holds as uint8: the format's bool is not read everywhere). A band with
+        `detail` keeps only that: its shares are the detail's bits counted (`from_tensors`)."""
+        tensors = {f"{prefix}keys": self.keys.half(), f"{prefix}reference": self.reference.to(torch.int32), f"{prefix}holds": self.holds.to(torch.uint8)}
+        tensors |= {f"{prefix}detail": self.detail} if self.detail is not None else {f"{prefix}masks": self.masks.half()}
         return tensors | (self.band.tensors(f"{prefix}{BAND_PREFIX}") if self.band is not None else {})
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "MatchingMemory | None":
         if f"{prefix}keys" not in tensors:
             return None
-        return cls(tensors[f"{prefix}keys"].half(), tensors[f"{prefix}masks"].half(), tensors[f"{prefix}reference"].long(),
-                   tensors[f"{prefix}holds"].bool(), cls.from_tensors(tensors, f"{prefix}{BAND_PREFIX}"))
+        detail = tensors.get(f"{prefix}detail")
+        if detail is not None and detail.dtype != torch.uint8:
+            raise ValueError(f"{prefix}detail must be bytes")
+        masks = (unpack_cells(detail).sum(1) / CELLS).half() if detail is not None else tensors[f"{prefix}masks"].half()
+        return cls(tensors[f"{prefix}keys"].half(), masks, tensors[f"{prefix}reference"].long(),
+                   tensors[f"{prefix}holds"].bool(), cls.from_tensors(tensors, f"{prefix}{BAND_PREFIX}"), detail)
 
     def prior(self, features: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
         """(K, *size): each class's matched share on a target window, from the window's encoder features
@@ -197,26 +227,39 @@ class MatchingMemory:
         return (upsampled[:-1] + F.interpolate(change, size=size, mode="trilinear", align_corners=False)[0]).clamp(0, 1), upsampled[-1]
 
     def _correction(self, prior: torch.Tensor, exact: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """(1, K, *stride-2 grid): what this band memory's vote changes of the stride-4 `prior` (1, K,
-        *stride-4 grid) upsampled, where that is unsure and both the stride-4 vote (`exact`, (1, 1, *stride-4
-        grid)) and the band find an EXACT_MATCH (the module docstring); zero elsewhere, so a target unlike
-        every reference keeps the stride-4 prior as it is, at the cost of the stride-4 vote alone."""
+        """(1, K, *grid): what this band memory's vote changes of the stride-4 `prior` (1, K, *stride-4 grid)
+        upsampled, where that is unsure and both the stride-4 vote (`exact`, (1, 1, *stride-4 grid)) and the
+        band find an EXACT_MATCH (the module docstring); zero elsewhere, so a target unlike every reference
+        keeps the stride-4 prior as it is, at the cost of the stride-4 vote alone. The grid is the working
+        grid (stride 1) where the band has `detail`, else its own stride-2 grid."""
         queries = band_descriptors(features)[0]
         size = tuple(queries.shape[1:])
-        prior = F.interpolate(prior, size=size, mode="trilinear", align_corners=False)[0]
-        change = torch.zeros_like(prior)
-        unsure = ((prior > UNSURE) & (prior < 1 - UNSURE)).any(0) & (F.interpolate(exact.float(), size=size, mode="nearest")[0, 0] > 0)
+        coarse = F.interpolate(prior, size=size, mode="trilinear", align_corners=False)[0]
+        unsure = ((coarse > UNSURE) & (coarse < 1 - UNSURE)).any(0) & (F.interpolate(exact.float(), size=size, mode="nearest")[0, 0] > 0)
+        cells = CELLS if self.detail is not None else 1
+        redrawn = torch.zeros((prior.shape[1], cells, *size), device=prior.device)
+        taken = torch.zeros((1, cells, *size), device=prior.device)
         if unsure.any():
-            votes, best = self._votes(queries[:, unsure].T)
-            change[:, unsure] = (votes - prior[:, unsure]) * (best >= EXACT_MATCH)[None]
-        return change[None]
+            votes, best = self._votes(queries[:, unsure].T, cells)
+            redrawn[:, :, unsure] = votes
+            taken[:, :, unsure] = (best >= EXACT_MATCH).float()
+        if cells == 1:
+            return ((redrawn[:, 0] - coarse) * taken[:, 0])[None]
+        fine = F.interpolate(prior, size=tuple(2 * n for n in size), mode="trilinear", align_corners=False)[0]
+        return ((spread_cells(redrawn) - fine) * spread_cells(taken))[None]
 
-    def _votes(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _votes(self, queries: torch.Tensor, cells: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, N) each class's vote for (N, C) `queries` among the references that hold it, and (N,) each
-        query's highest similarity to a key that voted."""
+        query's highest similarity to a key that voted. With CELLS `cells` the votes are of each of the 2x2x2
+        working voxels of a band key (`detail`): (K, CELLS, N)."""
         device = queries.device
-        keys, masks, reference = self.keys.to(device, torch.float32), self.masks.to(device, torch.float32), self.reference.to(device)
-        votes = torch.zeros((self.masks.shape[0], queries.shape[0]), device=device)
+        keys, reference = self.keys.to(device, torch.float32), self.reference.to(device)
+        if cells == 1:
+            masks = self.masks.to(device, torch.float32)[:, None]
+        else:
+            assert self.detail is not None, "votes of cells need a band's detail"
+            masks = unpack_cells(self.detail.to(device)).float()
+        votes = torch.zeros((self.masks.shape[0], cells, queries.shape[0]), device=device)
         best = torch.full((queries.shape[0],), -1.0, device=device)
         groups: dict[tuple[bool, ...], list[int]] = {}
         for row, held in enumerate(self.holds.tolist()):
@@ -225,9 +268,44 @@ class MatchingMemory:
             voters = torch.isin(reference, torch.tensor([r for r, h in enumerate(held) if h], device=device, dtype=reference.dtype))
             if not voters.any():
                 continue
-            votes[rows], group_best = _vote(queries, keys[voters], masks[rows][:, voters])
+            voted, group_best = _vote(queries, keys[voters], masks[rows][..., voters].flatten(0, 1))
+            votes[rows] = voted.reshape(len(rows), cells, -1)
             best = torch.maximum(best, group_best)
-        return votes, best
+        return (votes[:, 0] if cells == 1 else votes), best
+
+
+def pack_cells(masks: torch.Tensor) -> torch.Tensor:
+    """(K, *grid/2) uint8: binary masks (K, *grid) with each 2x2x2 block of working voxels as the bits of
+    one byte (bit 4 dz + 2 dy + dx)."""
+    k, d, h, w = masks.shape
+    blocks = (masks > 0.5).reshape(k, d // 2, 2, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(k, d // 2, h // 2, w // 2, CELLS)
+    return (blocks.to(torch.uint8) << torch.arange(CELLS, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_cells(detail: torch.Tensor) -> torch.Tensor:
+    """(K, CELLS, N) 0/1 bytes of (K, N) `pack_cells` bytes."""
+    return (detail[:, None] >> torch.arange(CELLS, dtype=torch.uint8, device=detail.device)[None, :, None]) & 1
+
+
+def spread_cells(cells: torch.Tensor) -> torch.Tensor:
+    """(K, *2 grid): per-cell values (K, CELLS, *grid) of each stride-2 voxel placed at its 2x2x2 working
+    voxels, as `pack_cells` orders them."""
+    k, _, d, h, w = cells.shape
+    return cells.reshape(k, 2, 2, 2, d, h, w).permute(0, 4, 1, 5, 2, 6, 3).reshape(k, 2 * d, 2 * h, 2 * w)
+
+
+def drawn_at_stride(masks: torch.Tensor, stride: int) -> list[float]:
+    """Per class, the Dice of binary `masks` (K, *grid, each side a multiple of `stride`) against what a vote at
+    `stride` can draw of them: each stride voxel's share, upsampled as `match` does, above a half. It bounds
+    what the matching gives a target that does not match its reference exactly (a new patient: no band)."""
+    drawn = []
+    for mask in masks.float():
+        coarse = F.avg_pool3d(mask[None, None], stride)
+        shown = F.interpolate(coarse, size=tuple(mask.shape), mode="trilinear", align_corners=False)[0, 0] > 0.5
+        truth = mask > 0.5
+        total = int(truth.sum() + shown.sum())
+        drawn.append(2 * int((truth & shown).sum()) / total if total else 0.0)
+    return drawn
 
 
 def matching_loss(ref_features: list[torch.Tensor], target_features: list[torch.Tensor], ref_masks: torch.Tensor,
