@@ -200,7 +200,7 @@ class IrisPredictor:
         probabilities, grid = self.probabilities(image, task, cancel=cancel, matching=matching)
         onto = Grid(image.shape, image.affine)
         first = self._label_map(task, probabilities, grid, onto)
-        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel)) if task.refined else first
+        both = self._label_map(task, probabilities, grid, onto, lambda kept: self._overlays(image, task, kept, grid, None, cancel, matching)) if task.refined else first
         truth = np.asarray(labels.array)
         firsts, boths = [], []
         for row, value in enumerate(task.label_values):
@@ -524,12 +524,15 @@ class IrisPredictor:
         overlays = second_pass(probabilities) if second_pass is not None else []
         return labels_on_grid(probabilities, grid.affine, onto, task.label_values, task.thresholds, overlays=overlays)
 
-    def _overlays(self, target: Volume, task: TaskEmbedding, kept: torch.Tensor, grid: Grid, progress: Progress, cancel: Cancel) -> list[Overlay]:
+    def _overlays(
+        self, target: Volume, task: TaskEmbedding, kept: torch.Tensor, grid: Grid, progress: Progress, cancel: Cancel, matching: bool = True,
+    ) -> list[Overlay]:
         """The second pass: the task's thin classes that the first pass found (`kept`: its probabilities
         with islands dropped) segmented again in crops around them at their fine spacing, islands dropped
         alike. It redraws what the first pass found, not more: a class's probabilities are kept only
         within REFINE_MARGIN fine voxels of the box the first pass found it in. A class the first pass
-        found too long for a crop keeps the first pass's result."""
+        found too long for a crop keeps the first pass's result. Without `matching` the network alone
+        (`probabilities`)."""
         rows = task.refined
         if not rows:
             return []
@@ -542,7 +545,7 @@ class IrisPredictor:
         for n, (crop, members) in enumerate(crops):
             _check_cancel(cancel)
             _report(progress, n / len(crops), f"segmenting small structures: crop {n + 1} of {len(crops)}")
-            memory = task.fine_memory.select(members) if task.fine_memory is not None else None
+            memory = task.fine_memory.select(members) if matching and task.fine_memory is not None else None
             with torch.no_grad(), _device_memory():
                 found = self._window_probabilities(resample(normalized, target.affine, crop)[None], task.fine_tokens[members].to(self.device, torch.float32)[None],
                                                    memory, [task.match_weights[r] for r in members])
