@@ -162,9 +162,9 @@ class IrisPredictor:
         know: the reference matching decides it alone (share 1), in the second pass too (a thin class is
         matched again at the finer spacing, against the reference's crop: `_encode_fine`). The others get
         KNOWN_MATCH_WEIGHT of the matching's prior where its stride-4 vote can draw them (DRAWN_FOR_KNOWN),
-        none elsewhere (but where a target matches the reference exactly). Matching everything lost HeadNeck's thin organs, which
-        vanish on the matching's stride-4 grid (benchmarks/results/matching_prior_shipped.md: 0.070
-        against the network's 0.618). The network's Dice cannot judge a matched class's second pass, so
+        none elsewhere but where a target matches the reference exactly. Matching everything lost
+        HeadNeck's thin organs, which vanish on the matching's stride-4 grid
+        (benchmarks/results/matching_prior_shipped.md: 0.070 against the network's 0.618). The network's Dice cannot judge a matched class's second pass, so
         with `check_refinement` the reference is segmented once more, matched, to judge it the same way:
         on TotalSeg_CT_example segmented with itself the second pass raised a right rib from 0.08 to 0.65
         but lowered the small bowel from 0.93 to 0.79."""
