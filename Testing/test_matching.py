@@ -149,7 +149,6 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
     assert loaded.match_weights == [1.0, 0.5] and torch.equal(loaded.memory.keys, task.memory.keys)
     assert torch.equal(loaded.memory.holds, task.memory.holds) and torch.equal(loaded.memory.reference, task.memory.reference)
     assert torch.equal(loaded.memory.band.keys, task.memory.band.keys) and torch.equal(loaded.memory.band.masks, task.memory.band.masks)
-
     assert torch.equal(loaded.memory.band.detail, task.memory.band.detail)
 
     tensors, meta = load_tensors(path)

@@ -196,10 +196,6 @@ def test_second_pass_crops_start_on_the_stride_lattice_and_hold_their_classes_wi
             assert (boxes[row][0] >= low + REFINE_MARGIN * spacing - 1e-6).all() and (boxes[row][1] <= high - REFINE_MARGIN * spacing + 1e-6).all()
 
 
-def dice_of(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float((a & b).sum()) / max(1, float(a.sum() + b.sum()))
-
-
 def test_the_network_is_judged_on_its_reference_without_the_matching_in_either_pass(predictor, rod_and_ball, monkeypatch):
     """The reference matches itself exactly, so a judge of the network alone that let the matching into the
     second pass would keep a second pass the network does not earn (HeadNeck's larynx: 0.531 to 0.337 over
@@ -220,3 +216,7 @@ def test_the_network_is_judged_on_its_reference_without_the_matching_in_either_p
     for matching in (False, True):
         predictor._reference_dice(matched, image, labels, matching=matching, cancel=None)
     assert asked == [False, True]
+
+
+def dice_of(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, float(a.sum() + b.sum()))
