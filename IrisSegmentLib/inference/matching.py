@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.loss import dice_bce_loss
+from .calibration import mask_dice
 
 DESCRIPTOR_LEVELS = (1, 2, 3)  # encoder stages (strides 4, 8, 16 with the stride-2 stem) that describe a voxel
 MATCH_LEVEL = DESCRIPTOR_LEVELS[0]  # the stage whose grid the matching runs on
@@ -164,18 +165,19 @@ class MatchingMemory:
         """Several memories as one, for an ensemble of K classes: each part with, per ensemble class, its
         own row of that class (None where its references lack the class)."""
         classes = len(parts[0][1])
+        detailed = all(memory.detail is not None for memory, _ in parts)
         keys, masks, details, reference, holds, offset = [], [], [], [], [], 0
         for memory, rows in parts:
             keys.append(memory.keys)
             reference.append(memory.reference + offset)
             part_masks = torch.zeros((classes, memory.keys.shape[0]), dtype=memory.masks.dtype)
-            part_detail = torch.zeros((classes, memory.keys.shape[0]), dtype=torch.uint8)
+            part_detail = torch.zeros((classes, memory.keys.shape[0]), dtype=torch.uint8) if detailed else None
             part_holds = torch.zeros((classes, memory.holds.shape[1]), dtype=torch.bool)
             for k, row in enumerate(rows):
                 if row is not None:
                     part_masks[k], part_holds[k] = memory.masks[row], memory.holds[row]
-                    if memory.detail is not None:
-                        part_detail[k] = memory.detail[row]
+                    if part_detail is not None:
+                        part_detail[k] = memory.detail[row]  # type: ignore[index]
             masks.append(part_masks)
             details.append(part_detail)
             holds.append(part_holds)
@@ -183,7 +185,6 @@ class MatchingMemory:
         band = None
         if all(memory.band is not None for memory, _ in parts):
             band = MatchingMemory.combine([(memory.band, rows) for memory, rows in parts])  # type: ignore[misc]
-        detailed = all(memory.detail is not None for memory, _ in parts)
         return MatchingMemory(torch.cat(keys), torch.cat(masks, 1), torch.cat(reference), torch.cat(holds, 1), band,
                               torch.cat(details, 1) if detailed else None)
 
@@ -302,9 +303,7 @@ def drawn_at_stride(masks: torch.Tensor, stride: int) -> list[float]:
     for mask in masks.float():
         coarse = F.avg_pool3d(mask[None, None], stride)
         shown = F.interpolate(coarse, size=tuple(mask.shape), mode="trilinear", align_corners=False)[0, 0] > 0.5
-        truth = mask > 0.5
-        total = int(truth.sum() + shown.sum())
-        drawn.append(2 * int((truth & shown).sum()) / total if total else 0.0)
+        drawn.append(mask_dice(shown, mask > 0.5))
     return drawn
 
 

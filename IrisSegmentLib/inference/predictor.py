@@ -164,8 +164,9 @@ class IrisPredictor:
         KNOWN_MATCH_WEIGHT of the matching's prior where its stride-4 vote can draw them (DRAWN_FOR_KNOWN),
         none elsewhere but where a target matches the reference exactly. Matching everything lost
         HeadNeck's thin organs, which vanish on the matching's stride-4 grid
-        (benchmarks/results/matching_prior_shipped.md: 0.070 against the network's 0.618). The network's Dice cannot judge a matched class's second pass, so
-        with `check_refinement` the reference is segmented once more, matched, to judge it the same way:
+        (benchmarks/results/matching_prior_shipped.md: 0.070 against the network's 0.618). The network's
+        Dice cannot judge a matched class's second pass, so with `check_refinement` the reference is
+        segmented once more, matched, to judge it the same way:
         on TotalSeg_CT_example segmented with itself the second pass raised a right rib from 0.08 to 0.65
         but lowered the small bowel from 0.93 to 0.79."""
         first, both = self._reference_dice(task, image, labels, matching=False, cancel=cancel)
@@ -640,8 +641,9 @@ class IrisPredictor:
         against its own labels (inference/calibration.py); islands are judged at the chosen
         thresholds. The references are segmented as new patients (no exact matches: `probabilities`):
         scans of one patient match each other exactly, and Fetal_Brain_MRI's runs of one fetus,
-        calibrated with their exact matches, lost a new fetus from 0.75 to 0.11 Dice. references[i] is the (image, labels) tasks[i] was encoded from; tasks beyond
-        them (loaded task files) only take part in the ensembles."""
+        calibrated with their exact matches, lost a new fetus from 0.75 to 0.11 Dice. references[i] is
+        the (image, labels) tasks[i] was encoded from; tasks beyond them (loaded task files) only take
+        part in the ensembles."""
         if len(references) > len(tasks):
             raise ValueError("every reference needs the task encoded from it")
         ensemble = TaskEmbedding.ensemble(tasks)
