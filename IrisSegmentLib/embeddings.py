@@ -24,9 +24,10 @@ FORMAT = "iris-segment-task"
 MEMORY_PREFIX = "memory_"
 FINE_MEMORY_PREFIX = "fine_memory_"
 # 2 added the matching memory (its boundary band came later, optional); files of version 1 load without one. 3 keeps
-# the band's classes as bits of each key's 2x2x2 working voxels (inference/matching.py) instead of stride-2 shares.
-FORMAT_VERSION = "3"
-READABLE_VERSIONS = ("1", "2", "3")
+# the band's classes as bits of each key's 2x2x2 working voxels (inference/matching.py) instead of stride-2 shares. 4
+# adds each memory key's position, which places the matched votes; earlier files match without placing.
+FORMAT_VERSION = "4"
+READABLE_VERSIONS = ("1", "2", "3", "4")
 
 
 def name_key(name: str) -> str:

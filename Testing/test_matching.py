@@ -102,6 +102,31 @@ def test_far_background_is_kept_coarser_than_the_voxels_near_a_class() -> None:
     assert memory.keys.shape[0] == 8 * 8 + (64 - 8)
 
 
+def test_a_look_alike_away_from_where_the_matched_pairs_place_a_class_gets_no_vote() -> None:
+    """The target is the reference moved by two stride-4 voxels, plus a noisy copy of the class's features far
+    from it (a look-alike elsewhere in a new patient). Unplaced, the look-alike takes the class; placed, the
+    mutual nearest pairs around the class agree on the move, and only the moved class keeps its vote."""
+    generator = torch.Generator().manual_seed(7)
+    features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]  # a 64^3 grid
+    features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
+    masks = torch.zeros(1, 64, 64, 64)
+    masks[0, 8:16, 8:16, 8:16] = 1  # stride-4 voxels 2..3 on each axis
+    target = [torch.roll(features[0], 4, dims=2), torch.roll(features[1], 2, dims=2), features[2], features[3]]
+    # about 0.9 similar to the class's voxels: below an exact match, far above any other voxel
+    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.5 * torch.randn(1, 32, 2, 2, 2, generator=generator)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    memory = MatchingMemory.of_reference(features, masks, affine)
+    assert memory.positions is not None and memory.positions.shape == (memory.keys.shape[0], 3)
+    moved = torch.zeros(16, 16, 16, dtype=torch.bool)
+    moved[4:6, 2:4, 2:4] = True
+    look_alike = torch.zeros(16, 16, 16, dtype=torch.bool)
+    look_alike[12:14, 10:12, 10:12] = True
+    unplaced = torch.nn.functional.avg_pool3d(memory.prior(target, (64, 64, 64)), 4)[0]  # on the stride-4 grid
+    placed = torch.nn.functional.avg_pool3d(memory.prior(target, (64, 64, 64), affine=affine), 4)[0]
+    assert (unplaced[moved] > 0.5).all() and (unplaced[look_alike] > 0.5).all()
+    assert (placed[moved] > 0.5).all() and (placed[look_alike] < 0.01).all()
+
+
 def test_an_ensemble_matches_each_class_only_against_the_references_that_hold_it() -> None:
     """Reference b lacks class 1: its voxels must not vote class 1 absent where they look like a's."""
     features = _features(2)
@@ -142,17 +167,21 @@ def _task(memory: MatchingMemory | None, shares: list[float]) -> TaskEmbedding:
 
 
 def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(tmp_path) -> None:
-    task = _task(MatchingMemory.of_reference(_features(0), _masks(0)), [1.0, 0.5])
+    task = _task(MatchingMemory.of_reference(_features(0), _masks(0), np.diag([2.0, 2.0, 2.0, 1.0])), [1.0, 0.5])
     path = tmp_path / "task.safetensors"
     task.save(path)
     loaded = TaskEmbedding.load(path)
     assert loaded.match_weights == [1.0, 0.5] and torch.equal(loaded.memory.keys, task.memory.keys)
+    assert torch.equal(loaded.memory.positions, task.memory.positions) and loaded.memory.band.positions is None
     assert torch.equal(loaded.memory.holds, task.memory.holds) and torch.equal(loaded.memory.reference, task.memory.reference)
     assert torch.equal(loaded.memory.band.keys, task.memory.band.keys) and torch.equal(loaded.memory.band.masks, task.memory.band.masks)
     assert torch.equal(loaded.memory.band.detail, task.memory.band.detail)
 
     tensors, meta = load_tensors(path)
     assert "memory_band_masks" not in tensors  # the band's shares are its detail's bits counted
+    unplaced = tmp_path / "unplaced.safetensors"  # format 3, written before the keys' positions
+    save_tensors(unplaced, {k: v for k, v in tensors.items() if k != "memory_positions"}, {**meta, "format_version": "3"})
+    assert TaskEmbedding.load(unplaced).memory.positions is None
     unbanded = tmp_path / "unbanded.safetensors"  # format 2 as written before the boundary band
     save_tensors(unbanded, {k: v for k, v in tensors.items() if not k.startswith("memory_band_")}, {**meta, "format_version": "2"})
     assert TaskEmbedding.load(unbanded).memory.band is None
@@ -171,6 +200,9 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
                          "band nan": {**tensors, "memory_band_keys": torch.full_like(tensors["memory_band_keys"], float("nan"))},
                          "band of other classes": {**tensors, "memory_band_detail": tensors["memory_band_detail"][:1]},
                          "band detail not bits": {**tensors, "memory_band_detail": tensors["memory_band_detail"].float()},
+                         "positions nan": {**tensors, "memory_positions": torch.full_like(tensors["memory_positions"], float("nan"))},
+                         "positions of other keys": {**tensors, "memory_positions": tensors["memory_positions"][:3]},
+                         "positions not coordinates": {**tensors, "memory_positions": tensors["memory_positions"].to(torch.int32)},
                          "lost": {k: v for k, v in tensors.items() if not k.startswith("memory_")}}.items():
         save_tensors(tmp_path / f"{name}.safetensors", broken, meta)
         with pytest.raises(WeightsError, match="corrupt"):
@@ -178,10 +210,11 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
 
 
 def test_an_ensemble_averages_the_matching_shares_of_references_that_have_a_memory() -> None:
-    memory = MatchingMemory.of_reference(_features(0), _masks(0))
+    memory = MatchingMemory.of_reference(_features(0), _masks(0), np.eye(4))
     both = TaskEmbedding.ensemble([_task(memory, [1.0, 0.5]), _task(memory, [0.5, 0.5]), _task(None, [0.0, 0.0])])
     assert both.match_weights == [0.75, 0.5]
     assert both.memory.keys.shape[0] == 2 * memory.keys.shape[0] and both.memory.holds.shape == (2, 2)
+    assert torch.equal(both.memory.positions, torch.cat([memory.positions, memory.positions]))
     assert both.memory.band.keys.shape[0] == 2 * memory.band.keys.shape[0] and torch.equal(both.memory.band.holds, both.memory.holds)
 
 

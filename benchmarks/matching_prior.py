@@ -9,7 +9,8 @@ reference's class masks there. This benchmark chose how. Columns (the network en
 - model: the network's first pass (IrisPredictor.probabilities, one-shot, no second pass), > 0.5;
 - match/4: matching with every reference voxel at stride 4; match/8: with the reference at stride 8
   (8 times fewer voxels to store and to search); memory: with what a task keeps
-  (MatchingMemory.of_reference: stride 4 near the classes, stride 8 elsewhere);
+  (MatchingMemory.of_reference: stride 4 near the classes, stride 8 elsewhere); placed: memory with its
+  votes placed where each class's matched pairs agree on a map to the reference (inference/geometry.py);
 - mean: the average of the model's probability and match/4's; max: the larger of the two;
 - gated: per class, the model where it segments the reference itself with Dice >= KNOWS (a class it
   knows), match/4 elsewhere; gated-mean: the same with mean in place of the model (what the engine does:
@@ -24,6 +25,7 @@ tuning scores it), so it reads against the model column of this table, not again
 Dice of generalization.py.
 
     python benchmarks/matching_prior.py [--weights FILE] [--sets ...] [--cases 2] [--pairs 3] [--top-k 8] [--temperature 0.01]
+                                        [--spatial-weight 0.01]
 
 Writes benchmarks/results/matching_prior_<tag>.md, .json and .png.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from IrisSegmentLib.inference.matching import TEMPERATURE, TOP_K  # noqa: E402
+from IrisSegmentLib.inference.matching import SPATIAL_WEIGHT, TEMPERATURE, TOP_K  # noqa: E402
 from generalization import (  # noqa: E402
     DATA, IN_DISTRIBUTION, RESULTS, UNSEEN_SET, all_sets, cyclic_pairs, default_tag, evenly_spaced, merged, save_results,
 )
 
-COLUMNS = ("model", "match/4", "match/8", "memory", "mean", "max", "gated", "gated-mean")
+COLUMNS = ("model", "match/4", "match/8", "memory", "placed", "mean", "max", "gated", "gated-mean")
 KNOWS = 0.5  # the network's Dice on its own reference from which a class counts as one it knows (the gated columns)
 
 
@@ -61,7 +64,7 @@ def score_pair(predictor, reference, target) -> dict:
     (image, labels), (target_image, target_labels) = reference, target
     task = predictor.encode_reference(image, labels, skip_small=True, check_refinement=False, matching=False)
     segments = complete_segments(labels.segments, task.label_values)
-    _, pixels, masks = predictor.reference_on_grid(image, labels, task.label_values, segments, task.modality)[2][0]
+    view_grid, pixels, masks = predictor.reference_on_grid(image, labels, task.label_values, segments, task.modality)[2][0]
     probabilities, grid = predictor.probabilities(target_image, task)
     target_pixels, _ = predictor._working_target(target_image, task.modality, task.spacing)
     truth = predictor._truth_on_grid(target_labels, grid, task.label_values).bool()
@@ -76,8 +79,10 @@ def score_pair(predictor, reference, target) -> dict:
         for column, (k, m) in (("match/4", (keys, shares)), ("match/8", (coarse_keys, coarse_shares))):
             votes = _vote(queries.flatten(1).T, k.flatten(1).T, m.flatten(1))[0]
             priors[column] = F.interpolate(votes.reshape(1, -1, *size), size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]
-        memory = MatchingMemory.of_reference(ref_features, masks)
-        priors["memory"] = F.interpolate(memory.prior(target_features, size)[None], size=tuple(grid.shape), mode="trilinear", align_corners=False)[0]
+        memory = MatchingMemory.of_reference(ref_features, masks, view_grid.affine)
+        stride4 = replace(memory, band=None)  # the stride-4 vote alone, as in the other columns
+        for column, affine in (("memory", None), ("placed", grid.affine)):
+            priors[column] = stride4.prior(target_features, tuple(grid.shape), affine=affine)
     seconds = time.perf_counter() - started
     reference_probabilities, reference_grid = predictor.probabilities(image, task)
     reference_truth = predictor._truth_on_grid(labels, reference_grid, task.label_values).bool()
@@ -105,14 +110,14 @@ def pairs_of(dataset, name: str, kind: str, cases: int, pairs: int) -> list[tupl
 
 
 def matching_table(weights: Path | None, sets: list[str] | None, data: Path, cases: int, pairs: int, top_k: int, temperature: float,
-                   threads: int) -> dict:
+                   spatial_weight: float, threads: int) -> dict:
     from IrisSegmentLib.evaluation.dataset import load_dataset, read_case
     from IrisSegmentLib.inference import matching
     from IrisSegmentLib.inference.predictor import IrisPredictor
     from IrisSegmentLib.model.weights import load_model
 
     torch.set_num_threads(threads)
-    matching.TOP_K, matching.TEMPERATURE = top_k, temperature  # the engine's constants, for a sweep
+    matching.TOP_K, matching.TEMPERATURE, matching.SPATIAL_WEIGHT = top_k, temperature, spatial_weight  # the engine's constants, for a sweep
     started = time.perf_counter()
     model = load_model(weights, device="cpu")
     predictor = IrisPredictor(model)
@@ -134,8 +139,8 @@ def matching_table(weights: Path | None, sets: list[str] | None, data: Path, cas
             rows.append({"set": name, "kind": kinds[name], "what": what, "reference": reference_id, "target": target_id, **scores})
             print(f"  {name} {what} {reference_id} -> {target_id}: " + ", ".join(f"{c} {scores[c]:.3f}" for c in COLUMNS), flush=True)
     note = f"model {model.model_id}, step {model.provenance.get('steps', '?')} ({model.weights_path})"
-    return {"model": note, "rows": rows, "top_k": top_k,
-            "temperature": temperature, "threads": threads, "wall_seconds": time.perf_counter() - started}
+    return {"model": note, "rows": rows, "top_k": top_k, "temperature": temperature, "spatial_weight": spatial_weight,
+            "threads": threads, "wall_seconds": time.perf_counter() - started}
 
 
 def summary(table: dict) -> list[tuple[str, str, str, int, dict]]:
@@ -155,8 +160,8 @@ def markdown(table: dict) -> str:
         lines.append(f"| {name} | {kind} | {what} | {n} | " + " | ".join(cells) + " |")
     seconds = [r["prior_seconds"] for r in table["rows"]]
     kept = [r["memory_voxels"] for r in table["rows"]]
-    lines.append(f"\nThe three priors took {np.median(seconds):.1f} s per pair (median) on {table['threads']} thread(s); "
-                 f"top-k {table['top_k']}, temperature {table['temperature']}; a task's memory kept {min(kept)} to {max(kept)} voxels "
+    lines.append(f"\nThe four priors took {np.median(seconds):.1f} s per pair (median) on {table['threads']} thread(s); "
+                 f"top-k {table['top_k']}, temperature {table['temperature']}, spatial weight {table.get('spatial_weight', 'n/a')}; a task's memory kept {min(kept)} to {max(kept)} voxels "
                  f"(all of a 128^3 reference at stride 4: 32768).")
     return "\n".join(lines)
 
@@ -190,13 +195,16 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3, help="cases in the cycle of one-shot pairs per unseen set")
     p.add_argument("--top-k", type=int, default=TOP_K, help="reference voxels each target voxel votes with (1, 4 and 8 at a sharp --temperature score alike; 64 at 0.1 far lower)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="softmax temperature of the cosine similarities (16 at 0.05 scored Fetal one-shot 0.285, 8 at 0.01 0.360)")
+    p.add_argument("--spatial-weight", type=float, default=SPATIAL_WEIGHT,
+                   help="similarity a placed vote takes off per squared stride-4 voxel of distance (the placed column)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default=None, help="output name matching_prior_<tag> (default: 'shipped' or the weights file's name)")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args()
-    if args.cases < 1 or args.pairs < 0 or args.top_k < 1 or args.temperature <= 0:
-        raise SystemExit("--cases and --top-k must be at least 1, --pairs at least 0, --temperature above 0")
-    table = matching_table(args.weights, args.sets, args.data, args.cases, args.pairs, args.top_k, args.temperature, args.threads)
+    if args.cases < 1 or args.pairs < 0 or args.top_k < 1 or args.temperature <= 0 or args.spatial_weight < 0:
+        raise SystemExit("--cases and --top-k must be at least 1, --pairs at least 0, --temperature above 0, --spatial-weight not negative")
+    table = matching_table(args.weights, args.sets, args.data, args.cases, args.pairs, args.top_k, args.temperature, args.spatial_weight,
+                           args.threads)
     table["command"] = " ".join(["python", "benchmarks/matching_prior.py", *sys.argv[1:]])
     save_results(args.output / f"matching_prior_{args.tag or default_tag(args.weights)}", "Dense matching prior against the model",
                  "first pass, Dice on the working grid", table, markdown(table), plot)

@@ -255,9 +255,9 @@ class IrisPredictor:
         _check_cancel(cancel)
         _report(progress, 0.4, "encoding the reference")
         with torch.no_grad(), _device_memory():
-            encoded = [(self.model.encoder(pixels[None]), view_masks) for _, pixels, view_masks in (views if matching else views[:1])]
+            encoded = [(self.model.encoder(pixels[None]), view_masks, view_grid) for view_grid, pixels, view_masks in (views if matching else views[:1])]
             tokens = self.model.task_tokens(encoded[0][0], encoded[0][1][None])[0]
-            memory = MatchingMemory.of_views([MatchingMemory.of_reference(f, m) for f, m in encoded]) if matching else None
+            memory = MatchingMemory.of_views([MatchingMemory.of_reference(f, m, g.affine) for f, m, g in encoded]) if matching else None
         _report(progress, 0.7, "encoding small classes at a finer spacing")
         fine_tokens, fine_spacings, fine_memory = self._encode_fine(normalized, image, labels, values, masks, grid, cancel, matching)
         self.references_encoded += 1
@@ -507,7 +507,8 @@ class IrisPredictor:
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
                 with _device_memory():
-                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights, exact)
+                    window = grid.box(np.array([axis.start for axis in tile]), np.array([axis.stop for axis in tile]))
+                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights, exact, window.affine)
                 self.decoder_passes += 1
                 weight = gaussian_weight(found.shape[1:], self.device) if len(tiles) > 1 else torch.ones(found.shape[1:], device=self.device)
                 total[(slice(None), *tile)] += found * weight
@@ -534,7 +535,8 @@ class IrisPredictor:
         alike. It redraws what the first pass found, not more: a class's probabilities are kept only
         within REFINE_MARGIN fine voxels of the box the first pass found it in. A class the first pass
         found too long for a crop keeps the first pass's result. Without `matching` the network alone
-        (`probabilities`)."""
+        (`probabilities`). Its matching is not placed (MatchingMemory.match): the first pass, placed,
+        already chose where the crops lie."""
         rows = task.refined
         if not rows:
             return []
@@ -564,17 +566,19 @@ class IrisPredictor:
 
     def _window_probabilities(
         self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float], exact: bool = True,
+        affine: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Per-class probabilities (K, *window) of one window (batch of one) for (1, K, T, D) `tokens`: the
         network's, blended per class with `memory`'s matched prior by `shares` (when there is a memory), and
         all the prior where the window sees the reference's own anatomy (an exact match:
-        `MatchingMemory.match`, unless not `exact`), whatever the share; the encoder runs once for both."""
+        `MatchingMemory.match`, unless not `exact`), whatever the share; the encoder runs once for both. The
+        window's index -> RAS `affine` places the matched votes."""
         features = self.model.encoder(window)
         size = tuple(window.shape[2:])
         found = torch.sigmoid(self.model.decoder(features, tokens, size)[0])
         if memory is None or not (exact or any(shares)):
             return found
-        prior, seen = memory.match(features, size, exact)
+        prior, seen = memory.match(features, size, exact, affine)
         weight = torch.tensor(shares, device=self.device)[:, None, None, None]
         weight = weight + (1 - weight) * seen[None]
         return (1 - weight) * found + weight * prior
