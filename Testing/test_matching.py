@@ -103,28 +103,35 @@ def test_far_background_is_kept_coarser_than_the_voxels_near_a_class() -> None:
 
 
 def test_a_look_alike_away_from_where_the_matched_pairs_place_a_class_gets_no_vote() -> None:
-    """The target is the reference moved by two stride-4 voxels, plus a noisy copy of the class's features far
-    from it (a look-alike elsewhere in a new patient). Unplaced, the look-alike takes the class; placed, the
-    mutual nearest pairs around the class agree on the move, and only the moved class keeps its vote."""
+    """The target is another scan of the reference's anatomy (its features a little off, never an exact match)
+    lying 20 mm further along x in the scanner, plus a noisier copy of the class's features far from it (a
+    look-alike elsewhere in a new patient). Unplaced, the look-alike takes the class; placed, the mutual
+    nearest pairs around the class agree on the 20 mm shift, and only the class keeps its vote."""
     generator = torch.Generator().manual_seed(7)
     features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]  # a 64^3 grid
     features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
     masks = torch.zeros(1, 64, 64, 64)
     masks[0, 8:16, 8:16, 8:16] = 1  # stride-4 voxels 2..3 on each axis
-    target = [torch.roll(features[0], 4, dims=2), torch.roll(features[1], 2, dims=2), features[2], features[3]]
-    # about 0.9 similar to the class's voxels: below an exact match, far above any other voxel
-    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.5 * torch.randn(1, 32, 2, 2, 2, generator=generator)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    memory = MatchingMemory.of_reference(features, masks, affine)
-    assert memory.positions is not None and memory.positions.shape == (memory.keys.shape[0], 3)
-    moved = torch.zeros(16, 16, 16, dtype=torch.bool)
-    moved[4:6, 2:4, 2:4] = True
+    target = [f + 0.4 * torch.randn(f.shape, generator=generator) for f in features[:2]] + features[2:]  # about 0.93 similar
+    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.6 * torch.randn(1, 32, 2, 2, 2, generator=generator)  # about 0.86
+    reference_affine, target_affine = np.eye(4), np.eye(4)
+    target_affine[0, 3] = 20.0
+    memory = MatchingMemory.of_reference(features, masks, reference_affine)
+    inside = memory.masks[0] > 0.5  # every key keeps its own voxel's centre
+    assert ((memory.positions[inside] > 8) & (memory.positions[inside] < 16)).all() and int(inside.sum()) == 8
+    pool = torch.nn.functional.avg_pool3d
+    unplaced = pool(memory.prior(target, (64, 64, 64)), 4)[0]  # on the stride-4 grid
+    placed = pool(memory.prior(target, (64, 64, 64), affine=target_affine), 4)[0]
+    elsewhere = pool(memory.prior(target, (64, 64, 64), affine=reference_affine), 4)[0]  # the target placed 20 mm off
+    assert not memory.match(target, (64, 64, 64))[1].any()  # no exact match anywhere: every vote is cast again
+    klass = torch.zeros(16, 16, 16, dtype=torch.bool)
+    klass[2:4, 2:4, 2:4] = True
     look_alike = torch.zeros(16, 16, 16, dtype=torch.bool)
     look_alike[12:14, 10:12, 10:12] = True
-    unplaced = torch.nn.functional.avg_pool3d(memory.prior(target, (64, 64, 64)), 4)[0]  # on the stride-4 grid
-    placed = torch.nn.functional.avg_pool3d(memory.prior(target, (64, 64, 64), affine=affine), 4)[0]
-    assert (unplaced[moved] > 0.5).all() and (unplaced[look_alike] > 0.5).all()
-    assert (placed[moved] > 0.5).all() and (placed[look_alike] < 0.01).all()
+    assert (unplaced[klass] > 0.5).all() and (unplaced[look_alike] > 0.5).all()
+    assert (placed[klass] > 0.5).all() and (placed[look_alike] < 0.01).all()
+    assert (elsewhere[look_alike] < 0.01).all()  # the pairs agree on no shift there: the class is still placed ...
+    assert float(elsewhere[klass].mean()) == pytest.approx(float(placed[klass].mean()), abs=0.05)  # ... by its pairs, not the scanner
 
 
 def test_an_ensemble_matches_each_class_only_against_the_references_that_hold_it() -> None:
@@ -211,10 +218,11 @@ def test_a_task_file_keeps_its_matching_memory_and_older_files_load_without_one(
 
 def test_an_ensemble_averages_the_matching_shares_of_references_that_have_a_memory() -> None:
     memory = MatchingMemory.of_reference(_features(0), _masks(0), np.eye(4))
-    both = TaskEmbedding.ensemble([_task(memory, [1.0, 0.5]), _task(memory, [0.5, 0.5]), _task(None, [0.0, 0.0])])
+    moved = MatchingMemory.of_reference(_features(0), _masks(0), np.diag([2.0, 2.0, 2.0, 1.0]))
+    both = TaskEmbedding.ensemble([_task(memory, [1.0, 0.5]), _task(moved, [0.5, 0.5]), _task(None, [0.0, 0.0])])
     assert both.match_weights == [0.75, 0.5]
     assert both.memory.keys.shape[0] == 2 * memory.keys.shape[0] and both.memory.holds.shape == (2, 2)
-    assert torch.equal(both.memory.positions, torch.cat([memory.positions, memory.positions]))
+    assert torch.equal(both.memory.positions, torch.cat([memory.positions, moved.positions]))  # each key its own reference's place
     assert both.memory.band.keys.shape[0] == 2 * memory.band.keys.shape[0] and torch.equal(both.memory.band.holds, both.memory.holds)
 
 

@@ -31,11 +31,14 @@ from 0.17-0.57 to 0.89-0.99), TotalSeg_MR_example's 22 from 0.868 to 0.972, and 
 a byte per class and key instead of a float16 share.
 
 On a new patient a structure's look-alikes elsewhere vote for it too. So each memory key also keeps its
-position, and a class's stride-4 vote is placed (inference/geometry.py): RANSAC finds the affine map from
-target to reference that the mutual nearest pairs around the class agree on, a key's similarity then
-loses SPATIAL_WEIGHT per squared stride-4 voxel between it and where the map sends the target voxel, and
-target voxels the map sends far from the class get no vote for it. Prostate_MR's one-shot pairs went from
-0.469 to 0.665 Dice with it, Fetal_Brain_MRI's from 0.511 to 0.542 (benchmarks/results/generalization_placed.md).
+position, and a class's stride-4 vote is placed (inference/geometry.py): RANSAC finds the similarity map
+(rotation, scale, shift) from target to reference that the mutual nearest pairs around the class agree
+on, a key's similarity then loses SPATIAL_WEIGHT per squared stride-4 voxel between it and where the map
+sends the target voxel, and target voxels the map sends far from the class get no vote for it. One-shot
+Fetal_Brain_MRI went from 0.511 to 0.680 Dice with it, Prostate_MR from 0.469 to 0.689
+(benchmarks/results/generalization_placed.md). In a context ensemble each reference's map is found apart,
+and a map that puts the class elsewhere in the target than the others agree on is dropped: Fetal_Brain_MRI
+fetal_run3 segmented with three references went from 0.490 to 0.670 with it (one-shot 0.683).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 
 from ..model.loss import dice_bce_loss
 from .calibration import mask_dice
-from .geometry import apply_affine, ransac_affine, voxel_centres
+from .geometry import apply_map, consensus, inverse_map, ransac_similarity, voxel_centres
 
 DESCRIPTOR_LEVELS = (1, 2, 3)  # encoder stages (strides 4, 8, 16 with the stride-2 stem) that describe a voxel
 MATCH_LEVEL = DESCRIPTOR_LEVELS[0]  # the stage whose grid the matching runs on
@@ -72,15 +75,16 @@ EXACT_MATCH = 0.98
 # voxel lies within half the class's extent (and one voxel) of it, needs MIN_INLIERS pairs agreeing within
 # RANSAC_TOLERANCE stride-4 voxels, and then a reference voxel's similarity loses SPATIAL_WEIGHT per squared
 # stride-4 voxel between it and where the map sends the target voxel. On the unseen sets' one-shot pairs (shipped
-# model, stride-4 prior on the working grid, tolerance 2) weights 0 / 0.001 / 0.003 / 0.01 / 0.03 scored Prostate_MR
-# 0.456 / 0.615 / 0.654 / 0.641 / 0.635, Fetal_Brain_MRI 0.460 / 0.530 / 0.542 / 0.560 / 0.581, Cells_Confocal
-# (one class of every cell: no map helps much) 0.318 / 0.317 / 0.314 / 0.309 / 0.302.
+# model, stride-4 prior on the working grid, benchmarks/results/matching_prior_placed_w*.md) weights 0.003 / 0.01 /
+# 0.03 scored Prostate_MR 0.610 / 0.638 / 0.641 (unplaced 0.380), Fetal_Brain_MRI 0.610 / 0.622 / 0.618 (0.499),
+# Cells_Confocal (one class of every cell: no map helps much) 0.317 / 0.312 / 0.310 (0.319).
 MIN_INLIERS = 8
 RANSAC_TOLERANCE = 2.0
 SPATIAL_WEIGHT = 0.01
-PLACE_MARGIN = 6  # stride-4 voxels around a class's box (mapped) where its placed vote runs; beyond it the penalty is > 0.36
-# The most similar keys of each reference among which a placed vote picks its TOP_K: 64 scored Prostate_MR one-shot
-# 0.631 end to end, 256 0.671, every key around the class (twice as slow on TotalSeg CT) 0.669.
+PLACE_MARGIN = 6  # stride-4 voxels around a class's box (mapped) where its placed vote runs; the class's keys lose SPATIAL_WEIGHT * 36 there
+# The most similar keys of each reference among which a placed vote picks its TOP_K: with affine maps (before the
+# similarity maps of inference/geometry.py) 64 scored Prostate_MR one-shot 0.631 end to end, 256 0.671, every key
+# around the class (twice as slow on TotalSeg CT) 0.669.
 PLACE_CANDIDATES = 256
 BAND_PREFIX = "band_"  # a band memory's tensors in a file: its memory's prefix followed by this
 CELLS = 8  # working voxels of one stride-2 band voxel: the bits of a band key's `detail`
@@ -270,7 +274,7 @@ class MatchingMemory:
         votes, best = self._votes(nearest)
         exactly = (best >= EXACT_MATCH) & exact
         if placing:
-            voxel = float(np.linalg.norm(np.asarray(affine)[:3, 0])) * size[0] / grid[0]
+            voxel = float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).mean()) * size[0] / grid[0]
             votes = self._placed(flat, votes, nearest, voxel_centres(affine, size, grid), voxel, exactly)
         exactly = exactly.reshape(1, 1, *grid)
         prior = votes.reshape(1, -1, *grid)
@@ -302,16 +306,16 @@ class MatchingMemory:
         fine = F.interpolate(prior, size=tuple(2 * n for n in size), mode="trilinear", align_corners=False)[0]
         return ((spread_cells(redrawn) - fine) * spread_cells(taken))[None]
 
-    def _nearest(self, queries: torch.Tensor, count: int, mutual: bool = True) -> "_Nearest":
-        """Each of (N, C) `queries`' `count` most similar keys of each reference that holds some class and,
-        when `mutual`, each key's most similar query."""
+    def _nearest(self, queries: torch.Tensor, count: int, mutual: bool = True, references: list[int] | None = None) -> "_Nearest":
+        """Each of (N, C) `queries`' `count` most similar keys of each reference that holds some class (or of
+        `references`) and, when `mutual`, each key's most similar query."""
         device = queries.device
         keys, reference = self.keys.to(device, torch.float32), self.reference.to(device)
         similarity = torch.full((self.holds.shape[1], queries.shape[0], count), -torch.inf, device=device)
         index = torch.zeros(similarity.shape, dtype=torch.int64, device=device)
         key_similarity = torch.full((keys.shape[0],), -torch.inf, device=device)
         key_best = torch.zeros(keys.shape[0], dtype=torch.int64, device=device)
-        for r in torch.nonzero(self.holds.any(0))[:, 0].tolist():
+        for r in torch.nonzero(self.holds.any(0))[:, 0].tolist() if references is None else references:
             columns = torch.nonzero(reference == r)[:, 0]
             if not len(columns):
                 continue
@@ -361,8 +365,10 @@ class MatchingMemory:
         it is found (inference/geometry.py, among the mutual nearest pairs near the class) cast again among
         each query's PLACE_CANDIDATES most similar keys: a key's similarity loses SPATIAL_WEIGHT per squared
         stride-4 `voxel` (mm) between it and where the map sends the query (`where`, (N, 3) RAS), and a query
-        that its maps send farther than PLACE_MARGIN voxels from the class's box gets no vote for it. A query
-        that matches the reference `exactly` keeps its vote: there the map is the identity."""
+        that its maps send farther than PLACE_MARGIN voxels from the class's box gets no vote for it. In an
+        ensemble, the references' maps must agree on where the class lies in the target (geometry.consensus):
+        a map that puts it elsewhere than the best-supported group does not vote, nor does a reference
+        holding the class whose pairs agree on no map while another's do. A query that matches a reference `exactly` keeps its vote: there the map is the identity."""
         assert self.positions is not None and nearest.key_best is not None
         device = votes.device
         positions, reference = self.positions.numpy().astype(np.float64), self.reference.numpy()
@@ -373,6 +379,7 @@ class MatchingMemory:
         maps: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         margin = PLACE_MARGIN * voxel
         for row in range(shares.shape[0]):
+            found = []  # (reference, map, inliers, class box) of each reference holding the class whose pairs agree on a map
             for r in torch.nonzero(self.holds[row])[:, 0].tolist():
                 share = shares[row].numpy() * (reference == r)
                 if share.max() <= 0:
@@ -383,11 +390,18 @@ class MatchingMemory:
                 pairs = torch.nonzero(mutual[r])[:, 0].cpu().numpy()
                 matched = first[r, pairs].cpu().numpy()
                 near = np.all((positions[matched] >= lo - reach) & (positions[matched] <= hi + reach), 1)
-                mapping = ransac_affine(where[pairs[near]], positions[matched[near]], RANSAC_TOLERANCE * voxel, MIN_INLIERS, seed=row)
-                if mapping is not None:
-                    sent = apply_affine(mapping, where)
-                    seen = torch.from_numpy(np.all((sent >= lo - margin) & (sent <= hi + margin), 1)).to(device)
-                    maps.setdefault(row, []).append((r, torch.from_numpy(sent).float().to(device), seen))
+                fitted = ransac_similarity(where[pairs[near]], positions[matched[near]], RANSAC_TOLERANCE * voxel, MIN_INLIERS, seed=row)
+                if fitted is not None:
+                    found.append((r, *fitted, lo, hi))
+            if len(found) > 1:  # an ensemble: the maps must agree on where the class lies in the target
+                centres = np.stack([apply_map(inverse_map(mapping), (0.5 * (lo + hi))[None])[0] for _, mapping, _, lo, hi in found])
+                radius = max(0.5 * float((hi - lo).max()) for *_, lo, hi in found) + RANSAC_TOLERANCE * voxel
+                agreeing = consensus(centres, np.array([inliers for _, _, inliers, _, _ in found]), radius)
+                found = [f for f, keep in zip(found, agreeing) if keep]
+            for r, mapping, _, lo, hi in found:
+                sent = apply_map(mapping, where)
+                seen = torch.from_numpy(np.all((sent >= lo - margin) & (sent <= hi + margin), 1)).to(device)
+                maps.setdefault(row, []).append((r, torch.from_numpy(sent).float().to(device), seen))
         if not maps:
             return votes
         placed = votes.clone()
@@ -396,7 +410,8 @@ class MatchingMemory:
         cast_on = torch.nonzero(torch.stack([seen for placements in maps.values() for _, _, seen in placements]).any(0) & ~exactly)[:, 0]
         if not len(cast_on):
             return placed
-        candidates = self._nearest(queries[cast_on], PLACE_CANDIDATES, mutual=False)
+        mapped = sorted({r for placements in maps.values() for r, _, _ in placements})
+        candidates = self._nearest(queries[cast_on], PLACE_CANDIDATES, mutual=False, references=mapped)
         located = self.positions.to(device)
         for row, placements in maps.items():
             tops, chosen = [], []
