@@ -134,6 +134,41 @@ def test_a_look_alike_away_from_where_the_matched_pairs_place_a_class_gets_no_vo
     assert float(elsewhere[klass].mean()) == pytest.approx(float(placed[klass].mean()), abs=0.05)  # ... by its pairs, not the scanner
 
 
+def test_an_ensemble_drops_the_reference_whose_map_puts_the_class_where_the_others_do_not() -> None:
+    """Three references of one class. Two show it where it is; the third (a scan of the target's own anatomy)
+    has it drawn on the look-alike instead, so its pairs agree on a right map that sends the class there.
+    Each alone places the class where its own label says; the ensemble keeps the two whose maps agree on
+    where the class lies in the target, and the look-alike gets no vote."""
+    generator = torch.Generator().manual_seed(7)
+    features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]  # a 64^3 grid
+    features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
+
+    def noisy(maps: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
+        return [f + amount * torch.randn(f.shape, generator=generator) for f in maps[:2]] + maps[2:]
+
+    def moved(x: float, y: float) -> np.ndarray:
+        affine = np.eye(4)
+        affine[:2, 3] = x, y
+        return affine
+
+    target = noisy(features, 0.4)
+    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.6 * torch.randn(1, 32, 2, 2, 2, generator=generator)
+    klass, look_alike = torch.zeros(1, 64, 64, 64), torch.zeros(1, 64, 64, 64)
+    klass[0, 8:16, 8:16, 8:16] = 1
+    look_alike[0, 48:56, 40:48, 40:48] = 1
+    right = MatchingMemory.of_reference(features, klass, moved(0.0, 0.0))
+    also_right = MatchingMemory.of_reference(noisy(features, 0.2), klass, moved(0.0, -10.0))
+    stray = MatchingMemory.of_reference(noisy(target, 0.4), look_alike, moved(-30.0, 0.0))
+    ensemble = MatchingMemory.combine([(right, [0]), (also_right, [0]), (stray, [0])])
+    target_affine = moved(20.0, 0.0)
+    pool = torch.nn.functional.avg_pool3d
+    at_class, at_look_alike = (slice(2, 4), slice(2, 4), slice(2, 4)), (slice(12, 14), slice(10, 12), slice(10, 12))  # stride-4 voxels
+    stray_alone = pool(stray.prior(target, (64, 64, 64), affine=target_affine), 4)[0]
+    assert (stray_alone[at_look_alike] > 0.5).all() and (stray_alone[at_class] < 0.01).all()
+    placed = pool(ensemble.prior(target, (64, 64, 64), affine=target_affine), 4)[0]
+    assert (placed[at_class] > 0.5).all() and (placed[at_look_alike] < 0.01).all()
+
+
 def test_an_ensemble_matches_each_class_only_against_the_references_that_hold_it() -> None:
     """Reference b lacks class 1: its voxels must not vote class 1 absent where they look like a's."""
     features = _features(2)
