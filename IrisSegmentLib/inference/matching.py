@@ -368,7 +368,8 @@ class MatchingMemory:
         that its maps send farther than PLACE_MARGIN voxels from the class's box gets no vote for it. In an
         ensemble, the references' maps must agree on where the class lies in the target (geometry.consensus):
         a map that puts it elsewhere than the best-supported group does not vote, nor does a reference
-        holding the class whose pairs agree on no map while another's do. A query that matches a reference `exactly` keeps its vote: there the map is the identity."""
+        holding the class whose pairs agree on no map while another's do. A query that matches a reference
+        `exactly` keeps its vote: there the map is the identity."""
         assert self.positions is not None and nearest.key_best is not None
         device = votes.device
         positions, reference = self.positions.numpy().astype(np.float64), self.reference.numpy()
