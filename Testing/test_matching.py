@@ -102,18 +102,31 @@ def test_far_background_is_kept_coarser_than_the_voxels_near_a_class() -> None:
     assert memory.keys.shape[0] == 8 * 8 + (64 - 8)
 
 
+def _noisy(maps: list[torch.Tensor], amount: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Another scan of the same anatomy: the stride-2 and -4 maps a little off, the flat coarse ones as they are."""
+    return [f + amount * torch.randn(f.shape, generator=generator) for f in maps[:2]] + maps[2:]
+
+
+def _scene_with_a_look_alike() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Generator]:
+    """Reference maps of a 64^3 grid described at stride 4 alone, a target that is another scan of them
+    (about 0.93 similar) and, in the target at stride-4 voxels (12..13, 10..11, 10..11), a noisier copy of
+    the reference's voxels (2..3, 2..3, 2..3) (about 0.86): a look-alike. The generator goes on from there."""
+    generator = torch.Generator().manual_seed(7)
+    features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]
+    features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
+    target = _noisy(features, 0.4, generator)
+    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.6 * torch.randn(1, 32, 2, 2, 2, generator=generator)
+    return features, target, generator
+
+
 def test_a_look_alike_away_from_where_the_matched_pairs_place_a_class_gets_no_vote() -> None:
     """The target is another scan of the reference's anatomy (its features a little off, never an exact match)
     lying 20 mm further along x in the scanner, plus a noisier copy of the class's features far from it (a
     look-alike elsewhere in a new patient). Unplaced, the look-alike takes the class; placed, the mutual
     nearest pairs around the class agree on the 20 mm shift, and only the class keeps its vote."""
-    generator = torch.Generator().manual_seed(7)
-    features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]  # a 64^3 grid
-    features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
+    features, target, _ = _scene_with_a_look_alike()
     masks = torch.zeros(1, 64, 64, 64)
     masks[0, 8:16, 8:16, 8:16] = 1  # stride-4 voxels 2..3 on each axis
-    target = [f + 0.4 * torch.randn(f.shape, generator=generator) for f in features[:2]] + features[2:]  # about 0.93 similar
-    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.6 * torch.randn(1, 32, 2, 2, 2, generator=generator)  # about 0.86
     reference_affine, target_affine = np.eye(4), np.eye(4)
     target_affine[0, 3] = 20.0
     memory = MatchingMemory.of_reference(features, masks, reference_affine)
@@ -139,26 +152,19 @@ def test_an_ensemble_drops_the_reference_whose_map_puts_the_class_where_the_othe
     has it drawn on the look-alike instead, so its pairs agree on a right map that sends the class there.
     Each alone places the class where its own label says; the ensemble keeps the two whose maps agree on
     where the class lies in the target, and the look-alike gets no vote."""
-    generator = torch.Generator().manual_seed(7)
-    features = [torch.randn(1, c, s, s, s, generator=generator) for c, s in ((4, 32), (32, 16), (16, 8), (32, 4))]  # a 64^3 grid
-    features[2], features[3] = torch.zeros_like(features[2]), torch.zeros_like(features[3])
-
-    def noisy(maps: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
-        return [f + amount * torch.randn(f.shape, generator=generator) for f in maps[:2]] + maps[2:]
+    features, target, generator = _scene_with_a_look_alike()
 
     def moved(x: float, y: float) -> np.ndarray:
         affine = np.eye(4)
         affine[:2, 3] = x, y
         return affine
 
-    target = noisy(features, 0.4)
-    target[1][..., 12:14, 10:12, 10:12] = features[1][..., 2:4, 2:4, 2:4] + 0.6 * torch.randn(1, 32, 2, 2, 2, generator=generator)
     klass, look_alike = torch.zeros(1, 64, 64, 64), torch.zeros(1, 64, 64, 64)
     klass[0, 8:16, 8:16, 8:16] = 1
     look_alike[0, 48:56, 40:48, 40:48] = 1
     right = MatchingMemory.of_reference(features, klass, moved(0.0, 0.0))
-    also_right = MatchingMemory.of_reference(noisy(features, 0.2), klass, moved(0.0, -10.0))
-    stray = MatchingMemory.of_reference(noisy(target, 0.4), look_alike, moved(-30.0, 0.0))
+    also_right = MatchingMemory.of_reference(_noisy(features, 0.2, generator), klass, moved(0.0, -10.0))
+    stray = MatchingMemory.of_reference(_noisy(target, 0.4, generator), look_alike, moved(-30.0, 0.0))
     ensemble = MatchingMemory.combine([(right, [0]), (also_right, [0]), (stray, [0])])
     target_affine = moved(20.0, 0.0)
     pool = torch.nn.functional.avg_pool3d
