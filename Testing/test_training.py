@@ -129,6 +129,32 @@ def test_invented_self_segmentation_episodes_ask_for_the_references_own_masks(da
         assert torch.equal(ep.reference_masks, ep.query_masks)
 
 
+@pytest.mark.parametrize("kind", ["invented", "agnostic"])
+def test_nameless_episodes_show_the_query_larger_or_smaller_than_the_reference(data_root: Path, kind: str) -> None:
+    """A new patient's structure is not the reference's size: the query's regions must come out larger
+    in some episodes and smaller in others than the same regions of the reference, well past what two
+    crops at the same scale give (the shipped model paired by look at scanner size)."""
+    def size_ratios(query_scale: float) -> np.ndarray:
+        only = EpisodeSampler(load_all(data_root, 128), PATCH, mix={kind: 1.0}, identical=0.0, query_scale=query_scale)
+        ratios = []
+        for seed in range(40):
+            ep = only.sample(np.random.default_rng(seed))
+            # regions whole in both crops (not touching the border): their voxel counts scale with 1 / spacing^3
+            inside = [c for c in range(ep.reference_masks.shape[1])
+                      if all(not m[0, c][[0, -1]].any() and not m[0, c][:, [0, -1]].any() and not m[0, c][:, :, [0, -1]].any()
+                             and m[0, c].sum() > 0 for m in (ep.reference_masks, ep.query_masks))]
+            if inside:
+                ratios.append(float(ep.query_masks[0, inside].sum() / ep.reference_masks[0, inside].sum()))
+        return np.log(np.array(ratios))
+
+    same, varied = size_ratios(1.0), size_ratios(1.5)
+    assert len(varied) >= 6
+    assert varied.min() < np.log(0.6) and varied.max() > np.log(1.6), "query regions both much smaller and much larger"
+    assert np.abs(varied).mean() > 2 * np.abs(same).mean()
+    with pytest.raises(ValueError, match="at least 1"):
+        EpisodeSampler(load_all(data_root, 128), PATCH, query_scale=0.8)
+
+
 def test_invented_label_maps_keep_every_class_and_often_small_ones() -> None:
     smallest = []
     for seed in range(8):

@@ -42,6 +42,12 @@ UNSEEN_SYNTH_OFFSET = 600
 TASK_MIX = {"labelled": 0.4, "invented": 0.3, "agnostic": 0.3}
 # At least this many voxels of a class in the reference crop, or the class is left out of the episode.
 MIN_REFERENCE_VOXELS = 4
+# Invented and agnostic episodes show the query at a scale drawn log-uniformly in [1 / QUERY_SCALE, QUERY_SCALE]
+# of the reference's (iris-cpu-v3 to v7: each of the two 0.9-1.1, a ratio rarely past 1.15). A new patient's
+# structure is not the reference's size: an older fetus's brain is 1.27 times a younger one's across
+# (Fetal_Brain_MRI), and the shipped model's matches, pairing by look at scanner size, put one-shot maps at
+# scale 0.79 there. Labelled episodes keep their physical sizes: there the size is part of the anatomy.
+QUERY_SCALE = 1.35
 
 
 @dataclass
@@ -163,18 +169,23 @@ class EpisodeSampler:
     bounds invented and agnostic ones, which reach many classes and small structures more often
     than any labelled set could. `identical`: the share of invented and agnostic episodes whose
     query is the reference itself (self-segmentation, the easiest task a reference sets).
+    `query_scale`: how much larger or smaller than in the reference an invented or agnostic
+    episode's query may show its structures (QUERY_SCALE).
     """
 
     def __init__(
         self, sets: list[TrainingSet], patch: int, max_classes: int = 4, mix: dict[str, float] | None = None,
-        max_invented: int = 12, merge_probability: float = 0.15, identical: float = 0.1,
+        max_invented: int = 12, merge_probability: float = 0.15, identical: float = 0.1, query_scale: float = QUERY_SCALE,
     ) -> None:
+        if query_scale < 1:
+            raise ValueError(f"query_scale bounds a ratio of sizes and must be at least 1, got {query_scale}")
         self.sets = sets
         self.patch = patch
         self.max_classes = max_classes
         self.max_invented = max_invented
         self.merge_probability = merge_probability
         self.identical = identical
+        self.query_scale = query_scale
         weights = np.array([s.weight for s in sets])
         self.set_probs = weights / weights.sum()
         self.image_sets = [s for s in sets if s.kind != "synthetic"]
@@ -246,7 +257,7 @@ class EpisodeSampler:
     def _invented(self, rng: np.random.Generator) -> Episode | None:
         """A random label map, imaged SynthSeg-style; the query views it smoothly deformed."""
         classes = int(rng.integers(1, self.max_invented + 1))
-        canvas = (int(self.patch * 1.25),) * 3
+        canvas = (int(self.patch * 1.25 * self.query_scale),) * 3
         base = random_label_map(canvas, classes, rng)
         grid = aligned_grid(np.zeros(3), 1.0, canvas)
         if rng.random() < self.identical:
@@ -256,11 +267,12 @@ class EpisodeSampler:
         jitter = 0.1 * self.patch
         ref_case = Case("invented", "", None, torch.from_numpy(base)[None], grid.affine, 1.0, {})
         query_case = Case("invented", "", None, torch.from_numpy(query_base)[None], grid.affine, 1.0, {})
-        _, ref_lab = self._crop(ref_case, rng.normal(0, jitter, 3), rng.uniform(0.9, 1.1), rng)
+        ref_spacing = rng.uniform(0.9, 1.1)
+        _, ref_lab = self._crop(ref_case, rng.normal(0, jitter, 3), ref_spacing, rng)
         if query_base is base:  # self-segmentation: the reference's own crop
             query_lab = ref_lab
         else:
-            _, query_lab = self._crop(query_case, rng.normal(0, jitter, 3), rng.uniform(0.9, 1.1), rng)
+            _, query_lab = self._crop(query_case, rng.normal(0, jitter, 3), ref_spacing * self._scale(rng), rng)
         values = torch.arange(1, classes + 1, dtype=torch.int16)[:, None, None, None]
         ref_masks, query_masks, _ = self._visible((ref_lab == values).float(), (query_lab == values).float())
         if ref_masks is None:
@@ -282,11 +294,13 @@ class EpisodeSampler:
             corner = np.array(case.labels.shape[1:]) - 1
             index = rng.uniform(0.2, 0.8, 3) * corner
             center = case.affine[:3, :3] @ index + case.affine[:3, 3]
-        canvas = aligned_grid(center, spacing, (int(self.patch * 1.5),) * 3)
+        size = int(self.patch * 1.25 * self.query_scale)
+        canvas = aligned_grid(center, spacing, (size,) * 3)
         image = resample(case.image.float(), case.affine, canvas, padding="border")
         labels = resample(case.labels, case.affine, canvas, mode="nearest")[0].round().numpy().astype(np.int32)
         regions = agnostic_regions(image[0].numpy(), rng, labels)
-        inner = regions[tuple(slice(self.patch // 4, self.patch // 4 + self.patch) for _ in range(3))]
+        start = (size - self.patch) // 2
+        inner = regions[tuple(slice(start, start + self.patch) for _ in range(3))]
         candidates = [v for v in np.unique(inner).tolist() if v != 0]
         if not candidates:
             return None
@@ -297,11 +311,12 @@ class EpisodeSampler:
         lookup[chosen] = np.arange(1, count + 1)
         views = Case("agnostic", "", image.to(torch.float16), torch.from_numpy(lookup[regions])[None], canvas.affine, spacing, {})
         jitter = 0.1 * self.patch * spacing
-        ref_img, ref_lab = self._crop(views, center + rng.normal(0, jitter, 3), spacing * rng.uniform(0.9, 1.1), rng)
+        ref_spacing = spacing * rng.uniform(0.9, 1.1)
+        ref_img, ref_lab = self._crop(views, center + rng.normal(0, jitter, 3), ref_spacing, rng)
         if rng.random() < self.identical:
             query_img, query_lab = ref_img.clone(), ref_lab
         else:
-            query_img, query_lab = self._crop(views, center + rng.normal(0, jitter, 3), spacing * rng.uniform(0.9, 1.1), rng)
+            query_img, query_lab = self._crop(views, center + rng.normal(0, jitter, 3), ref_spacing * self._scale(rng), rng)
         values = torch.arange(1, count + 1, dtype=torch.int16)[:, None, None, None]
         ref_masks, query_masks, _ = self._visible((ref_lab == values).float(), (query_lab == values).float())
         if ref_masks is None:
@@ -309,6 +324,10 @@ class EpisodeSampler:
         return self._episode(ref_img, ref_masks, query_img, query_masks, [None] * len(ref_masks), rng)
 
     # ------------------------------------------------------------------ shared steps
+    def _scale(self, rng: np.random.Generator) -> float:
+        """A query spacing's ratio to its reference's, log-uniform in [1 / query_scale, query_scale]."""
+        return float(np.exp(rng.uniform(-1, 1) * np.log(self.query_scale)))
+
     @staticmethod
     def _visible(ref_masks: torch.Tensor, query_masks: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, list[bool]]:
         """Only the classes the reference shows (at least MIN_REFERENCE_VOXELS voxels); None if none."""

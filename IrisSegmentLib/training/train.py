@@ -33,7 +33,7 @@ from ..inference.matching import matching_loss
 from ..model.loss import dice_bce_loss
 from ..model.serialization import load_tensors
 from ..model.weights import load_model, save_model
-from .data import TASK_MIX, EpisodeSampler, EpisodeStream, load_all, load_unseen
+from .data import QUERY_SCALE, TASK_MIX, EpisodeSampler, EpisodeStream, load_all, load_unseen
 
 log = logging.getLogger("iris.train")
 
@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes-per-step", type=int, default=4, help="episodes per optimiser step, run as one batch")
     p.add_argument("--max-classes", type=int, default=6, help="at most this many classes per labelled episode")
     p.add_argument("--max-invented", type=int, default=12, help="at most this many classes per invented or agnostic episode")
+    p.add_argument("--query-scale", type=float, default=QUERY_SCALE,
+                   help="invented and agnostic queries show their structures up to this many times larger or smaller than the reference "
+                        "(log-uniform; 1: the reference's scale; iris-cpu-v3 to v7 drew each of the two in 0.9-1.1)")
     p.add_argument("--mix", type=_mix, default=dict(TASK_MIX), help="episode kind shares, e.g. labelled=0.4,invented=0.3,agnostic=0.3")
     p.add_argument("--init", type=Path, help="start a new run from these weights (memory-bank rows matched by class name)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -109,7 +112,7 @@ def train(args: argparse.Namespace, rank: int, distributed: bool, device: torch.
     """The training loop of `main`, from the run folder's resume state to --steps (or --stop-after)."""
     base_config = IrisConfig()
     sets = load_all(args.data, base_config.working_size, args.datasets)
-    sampler = EpisodeSampler(sets, args.patch, args.max_classes, args.mix, args.max_invented)
+    sampler = EpisodeSampler(sets, args.patch, args.max_classes, args.mix, args.max_invented, query_scale=args.query_scale)
     class_keys = sampler.class_keys()
     config = replace(base_config, memory_classes=tuple(class_keys))
     log.info("sets: %s", ", ".join(f"{s.name} ({s.kind}, {len(s.cases)} cases)" for s in sets))
@@ -259,6 +262,7 @@ def checkpoint(model: IrisModel, optimizer: torch.optim.Optimizer, step: int, co
         "max_classes": args.max_classes,
         "max_invented": args.max_invented,
         "mix": args.mix,
+        "query_scale": args.query_scale,
         "lr": args.lr,
         "matching_weight": args.matching_weight,
         "init": str(args.init) if args.init else None,
