@@ -187,6 +187,8 @@ class EpisodeSampler:
         self.merge_probability = merge_probability
         self.identical = identical
         self.query_scale = query_scale
+        # the side of the region an invented or agnostic episode is cut from: room for a query at the largest scale
+        self.canvas = int(patch * 1.25 * query_scale)
         weights = np.array([s.weight for s in sets])
         self.set_probs = weights / weights.sum()
         self.image_sets = [s for s in sets if s.kind != "synthetic"]
@@ -258,7 +260,7 @@ class EpisodeSampler:
     def _invented(self, rng: np.random.Generator) -> Episode | None:
         """A random label map, imaged SynthSeg-style; the query views it smoothly deformed."""
         classes = int(rng.integers(1, self.max_invented + 1))
-        canvas = (int(self.patch * 1.25 * self.query_scale),) * 3
+        canvas = (self.canvas,) * 3
         base = random_label_map(canvas, classes, rng)
         grid = aligned_grid(np.zeros(3), 1.0, canvas)
         if rng.random() < self.identical:
@@ -295,12 +297,11 @@ class EpisodeSampler:
             corner = np.array(case.labels.shape[1:]) - 1
             index = rng.uniform(0.2, 0.8, 3) * corner
             center = case.affine[:3, :3] @ index + case.affine[:3, 3]
-        size = int(self.patch * 1.25 * self.query_scale)
-        canvas = aligned_grid(center, spacing, (size,) * 3)
+        canvas = aligned_grid(center, spacing, (self.canvas,) * 3)
         image = resample(case.image.float(), case.affine, canvas, padding="border")
         labels = resample(case.labels, case.affine, canvas, mode="nearest")[0].round().numpy().astype(np.int32)
         regions = agnostic_regions(image[0].numpy(), rng, labels)
-        start = (size - self.patch) // 2
+        start = (self.canvas - self.patch) // 2
         inner = regions[tuple(slice(start, start + self.patch) for _ in range(3))]
         candidates = [v for v in np.unique(inner).tolist() if v != 0]
         if not candidates:
