@@ -25,7 +25,9 @@ MEMORY_PREFIX = "memory_"
 FINE_MEMORY_PREFIX = "fine_memory_"
 # 2 added the matching memory (its boundary band came later, optional); files of version 1 load without one. 3 keeps
 # the band's classes as bits of each key's 2x2x2 working voxels (inference/matching.py) instead of stride-2 shares. 4
-# adds each memory key's position, which places the matched votes; earlier files match without placing.
+# adds each memory key's position, which places the matched votes; earlier files match without placing. A file of 4
+# may also hold each reference's working spacing (memory_spacings; older readers skip it), where an ensemble seeks a
+# reference's map again when it finds none at its own; files without it do without.
 FORMAT_VERSION = "4"
 READABLE_VERSIONS = ("1", "2", "3", "4")
 

@@ -92,3 +92,16 @@ def test_the_maps_that_agree_outvote_a_better_supported_stray() -> None:
     centres = np.array([[0.0, 0.0, 0.0], [8.0, -5.0, 3.0], [-6.0, 4.0, 0.0], [100.0, 0.0, 0.0]])
     assert consensus(centres, np.array([20, 15, 12, 30]), radius=40.0).tolist() == [True, True, True, False]
     assert consensus(centres[[0, 3]], np.array([23, 16]), radius=40.0).tolist() == [True, False]  # two disagree: the better supported
+
+
+def test_maps_that_make_a_structure_much_larger_or_smaller_than_the_best_supported_one_do_not_agree_with_it() -> None:
+    """A younger fetus (a 5 cm brain) segmented with three references: the right map puts the brain 40 mm
+    from where a wrong one does, within the radius of agreement, but the wrong one (an older fetus's brain
+    mapped at the wrong scale) makes it twice as large; a third wrong map lies elsewhere. Counting places
+    alone, the right and the wrong map agree and both vote; counting sizes too, the right one votes alone."""
+    centres = np.array([[0.0, 0.0, 0.0], [-30.0, -5.0, -25.0], [80.0, -45.0, -120.0]])
+    support, sizes = np.array([55, 39, 37]), np.array([50.0, 100.0, 80.0])
+    assert consensus(centres, support, radius=67.0).tolist() == [True, True, False]
+    assert consensus(centres, support, radius=67.0, sizes=sizes).tolist() == [True, False, False]
+    assert consensus(centres[:2], support[:2], radius=67.0, sizes=np.array([50.0, 62.0])).tolist() == [True, True]  # anatomy varies a little
+

@@ -38,10 +38,17 @@ sends the target voxel, and target voxels the map sends far from the class get n
 Fetal_Brain_MRI went from 0.511 to 0.680 Dice with it, Prostate_MR from 0.469 to 0.689
 (benchmarks/results/generalization_placed.md). In a context ensemble each reference's map is found apart,
 and a map that puts the class elsewhere in the target than the others agree on is dropped: Fetal_Brain_MRI
-fetal_run3 segmented with three references went from 0.490 to 0.670 with it (one-shot 0.683).
+fetal_run3 segmented with three references went from 0.490 to 0.670 with it (one-shot 0.683). An ensemble
+segments at one working spacing, its references' median, and a few percent of scale can cost a reference its
+map: one whose pairs agree on none there is sought again with the target at its own spacing, where its
+one-shot looks (IrisPredictor._own_scale_maps). The maps must then also agree on how large they make the class
+in the target (geometry.SIZE_RATIO). The 3-reference Fetal_Brain_MRI ensemble went from 0.604 to 0.723 Dice
+(fetal_t30_axial1 0.000 to 0.720; one-shot 0.680), Cells_Confocal from 0.369 to 0.359 (one target 0.632 to
+0.592), the four other sets of benchmarks/results/generalization_ownscale_ensemble3.md unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,7 +124,9 @@ class MatchingMemory:
     `detail` (K, N) uint8 holds each class's 2x2x2 working voxels of each key as bits (`pack_cells`);
     None in task files written before it, where the band redraws stride-2 shares. `positions` (N, 3) float32
     holds each key's RAS centre in its reference's own coordinates, which places the votes (`match`); None in
-    a band and in task files written before it, where votes go unplaced."""
+    a band and in task files written before it, where votes go unplaced. `spacings` (R,) holds each
+reference's working spacing (mm), where an ensemble seeks a reference's map again when it finds none at the
+ensemble's (`match`); None in a band and in task files written before it."""
 
     keys: torch.Tensor
     masks: torch.Tensor
@@ -126,6 +135,7 @@ class MatchingMemory:
     band: "MatchingMemory | None" = None
     detail: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    spacings: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.keys.shape[0]
@@ -143,11 +153,13 @@ class MatchingMemory:
             raise ValueError("a band's detail must be (K, N) bytes, one per class and key")
         if self.positions is not None and (self.positions.shape != (n, 3) or not torch.isfinite(self.positions).all()):
             raise ValueError("a matching memory's positions must be (N, 3) finite coordinates, one per key")
+        if self.spacings is not None and (self.spacings.shape != (self.holds.shape[1],) or not (torch.isfinite(self.spacings) & (self.spacings > 0)).all()):
+            raise ValueError("a matching memory's spacings must be one positive spacing per reference")
 
     @classmethod
     def of_reference(cls, features: list[torch.Tensor], masks: torch.Tensor, affine: np.ndarray | None = None) -> "MatchingMemory":
         """The memory of one reference: its encoder features (batch of one) and class masks (K, *working grid);
-        with the working grid's index -> RAS `affine`, the keys' positions."""
+        with the working grid's index -> RAS `affine`, the keys' positions and the reference's spacing."""
         fine = descriptors(features)[0]
         size = tuple(fine.shape[1:])
         shares = F.adaptive_avg_pool3d(masks[None].float(), size)[0]
@@ -156,13 +168,14 @@ class MatchingMemory:
         near_fine = F.interpolate(near[None, None].float(), size=size, mode="nearest")[0, 0] > 0
         keys = torch.cat([fine[:, near_fine].T, coarse[:, ~near].T])
         kept = torch.cat([shares[:, near_fine], coarse_shares[:, ~near]], 1)
-        positions = None
+        positions = spacings = None
         if affine is not None:
+            spacings = torch.tensor([float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).mean())])
             centres = torch.from_numpy(voxel_centres(affine, tuple(masks.shape[1:]), size).T.reshape(3, *size)).float()
             positions = torch.cat([centres[:, near_fine.cpu()].T, F.avg_pool3d(centres[None], 2)[0][:, ~near.cpu()].T])
         holds = torch.ones((masks.shape[0], 1), dtype=torch.bool)
         return cls(keys.half().cpu(), kept.half().cpu(), torch.zeros(keys.shape[0], dtype=torch.int64), holds,
-                   cls._band_of_reference(features, masks, holds), positions=positions)
+                   cls._band_of_reference(features, masks, holds), positions=positions, spacings=spacings)
 
     @classmethod
     def _band_of_reference(cls, features: list[torch.Tensor], masks: torch.Tensor, holds: torch.Tensor) -> "MatchingMemory":
@@ -193,11 +206,11 @@ class MatchingMemory:
                               torch.cat([view.reference for view in views]), first.holds,
                               MatchingMemory.of_views(bands) if len(bands) == len(views) else None,
                               torch.cat(details, 1) if len(details) == len(views) else None,
-                              torch.cat(positions) if len(positions) == len(views) else None)
+                              torch.cat(positions) if len(positions) == len(views) else None, first.spacings)
 
     def select(self, rows: list[int]) -> "MatchingMemory":
         return MatchingMemory(self.keys, self.masks[rows], self.reference, self.holds[rows], self.band.select(rows) if self.band is not None else None,
-                              self.detail[rows] if self.detail is not None else None, self.positions)
+                              self.detail[rows] if self.detail is not None else None, self.positions, self.spacings)
 
     @staticmethod
     def combine(parts: list[tuple["MatchingMemory", list[int | None]]]) -> "MatchingMemory":
@@ -225,9 +238,11 @@ class MatchingMemory:
         if all(memory.band is not None for memory, _ in parts):
             band = MatchingMemory.combine([(memory.band, rows) for memory, rows in parts])  # type: ignore[misc]
         placed = all(memory.positions is not None for memory, _ in parts)
+        spaced = all(memory.spacings is not None for memory, _ in parts)
         return MatchingMemory(torch.cat(keys), torch.cat(masks, 1), torch.cat(reference), torch.cat(holds, 1), band,
                               torch.cat(details, 1) if detailed else None,
-                              torch.cat([memory.positions for memory, _ in parts]) if placed else None)  # type: ignore[misc]
+                              torch.cat([memory.positions for memory, _ in parts]) if placed else None,  # type: ignore[misc]
+                              torch.cat([memory.spacings for memory, _ in parts]) if spaced else None)  # type: ignore[misc]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """For a safetensors file (holds as uint8: the format's bool is not read everywhere). A band with
@@ -235,6 +250,7 @@ class MatchingMemory:
         tensors = {f"{prefix}keys": self.keys.half(), f"{prefix}reference": self.reference.to(torch.int32), f"{prefix}holds": self.holds.to(torch.uint8)}
         tensors |= {f"{prefix}detail": self.detail} if self.detail is not None else {f"{prefix}masks": self.masks.half()}
         tensors |= {f"{prefix}positions": self.positions.float()} if self.positions is not None else {}
+        tensors |= {f"{prefix}spacings": self.spacings.float()} if self.spacings is not None else {}
         return tensors | (self.band.tensors(f"{prefix}{BAND_PREFIX}") if self.band is not None else {})
 
     @classmethod
@@ -248,9 +264,12 @@ class MatchingMemory:
         positions = tensors.get(f"{prefix}positions")
         if positions is not None and not positions.is_floating_point():
             raise ValueError(f"{prefix}positions must be coordinates")
+        spacings = tensors.get(f"{prefix}spacings")
+        if spacings is not None and not spacings.is_floating_point():
+            raise ValueError(f"{prefix}spacings must be millimetres")
         return cls(tensors[f"{prefix}keys"].half(), masks, tensors[f"{prefix}reference"].long(),
                    tensors[f"{prefix}holds"].bool(), cls.from_tensors(tensors, f"{prefix}{BAND_PREFIX}"), detail,
-                   positions.float() if positions is not None else None)
+                   positions.float() if positions is not None else None, spacings.float() if spacings is not None else None)
 
     def prior(self, features: list[torch.Tensor], size: tuple[int, ...], affine: np.ndarray | None = None) -> torch.Tensor:
         """(K, *size): each class's matched share on a target window, from the window's encoder features
@@ -260,12 +279,15 @@ class MatchingMemory:
 
     def match(
         self, features: list[torch.Tensor], size: tuple[int, ...], exact: bool = True, affine: np.ndarray | None = None,
+        own_scale: "OwnScaleMaps | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`prior`, and (*size) where the target finds a memory voxel at least EXACT_MATCH similar (1) or
         not (0), upsampled alike: where it sees the reference's own anatomy. Without `exact` no voxel is
         taken for exact and the band is not voted: the prior a new patient gets. With the window's
         index -> RAS `affine` and a memory that knows its keys' positions, each class's vote is placed
-        where its matched pairs agree on a map to the reference (`_placed`)."""
+        where its matched pairs agree on a map to the reference (`_placed`); `own_scale` gives, for a
+        reference whose pairs here agree on none, the maps found with the target at that reference's own
+        spacing."""
         queries = descriptors(features)[0]
         grid = tuple(queries.shape[1:])
         placing = affine is not None and self.positions is not None
@@ -274,8 +296,7 @@ class MatchingMemory:
         votes, best = self._votes(nearest)
         exactly = (best >= EXACT_MATCH) & exact
         if placing:
-            voxel = float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).mean()) * size[0] / grid[0]
-            votes = self._placed(flat, votes, nearest, voxel_centres(affine, size, grid), voxel, exactly)
+            votes = self._placed(flat, votes, nearest, voxel_centres(affine, size, grid), _stride_voxel(affine, size, grid), exactly, own_scale)
         exactly = exactly.reshape(1, 1, *grid)
         prior = votes.reshape(1, -1, *grid)
         upsampled = F.interpolate(torch.cat([prior, exactly.float()], 1), size=size, mode="trilinear", align_corners=False)[0]
@@ -358,32 +379,33 @@ class MatchingMemory:
             best = torch.maximum(best, top[:, 0])
         return (votes[:, 0] if cells == 1 else votes), best
 
-    def _placed(
-        self, queries: torch.Tensor, votes: torch.Tensor, nearest: "_Nearest", where: np.ndarray, voxel: float, exactly: torch.Tensor,
-    ) -> torch.Tensor:
-        """`votes` (K, N) of (N, C) `queries` with the vote of each class whose map to some reference holding
-        it is found (inference/geometry.py, among the mutual nearest pairs near the class) cast again among
-        each query's PLACE_CANDIDATES most similar keys: a key's similarity loses SPATIAL_WEIGHT per squared
-        stride-4 `voxel` (mm) between it and where the map sends the query (`where`, (N, 3) RAS), and a query
-        that its maps send farther than PLACE_MARGIN voxels from the class's box gets no vote for it. In an
-        ensemble, the references' maps must agree on where the class lies in the target (geometry.consensus):
-        a map that puts it elsewhere than the best-supported group does not vote, nor does a reference
-        holding the class whose pairs agree on no map while another's do. A query that matches a reference
-        `exactly` keeps its vote: there the map is the identity."""
+    def maps_of_reference(self, features: list[torch.Tensor], size: tuple[int, ...], affine: np.ndarray, reference: int) -> dict[int, "ClassMap"]:
+        """Per class that `reference` holds, the map its mutual nearest pairs with a target window agree on
+        (the window's encoder features, batch of one, of working grid `size` with index -> RAS `affine`):
+        how the predictor seeks a reference's maps with the target at that reference's own spacing."""
+        queries = descriptors(features)[0]
+        grid = tuple(queries.shape[1:])
+        nearest = self._nearest(queries.flatten(1).T, TOP_K, mutual=True, references=[reference])
+        found = self._class_maps(nearest, voxel_centres(affine, size, grid), _stride_voxel(affine, size, grid), references=[reference])
+        return {row: maps[0] for row, maps in found.items()}
+
+    def _class_maps(
+        self, nearest: "_Nearest", where: np.ndarray, voxel: float, own_scale: "OwnScaleMaps | None" = None, references: list[int] | None = None,
+    ) -> dict[int, list["ClassMap"]]:
+        """Per class, the map of each reference holding it (of `references`, default all) whose mutual
+        nearest pairs near the class agree on one (geometry.ransac_similarity), the target's voxels at RAS
+        `where` (N, 3) and stride-4 `voxel` mm; where a reference's pairs agree on none, its map from
+        `own_scale`, if that finds one."""
         assert self.positions is not None and nearest.key_best is not None
-        device = votes.device
         positions, reference = self.positions.numpy().astype(np.float64), self.reference.numpy()
-        shares = self.masks.float()
-        n = votes.shape[1]
+        shares = self.masks.float().numpy()
         first = nearest.index[:, :, 0]
-        mutual = (nearest.similarity[:, :, 0] > -torch.inf) & (nearest.key_best[first] == torch.arange(n, device=device))
-        maps: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        margin = PLACE_MARGIN * voxel
+        mutual = (nearest.similarity[:, :, 0] > -torch.inf) & (nearest.key_best[first] == torch.arange(len(where), device=first.device))
+        found: dict[int, list[ClassMap]] = {}
         for row in range(shares.shape[0]):
-            found = []  # (reference, map, inliers, class box) of each reference holding the class whose pairs agree on a map
             for r in torch.nonzero(self.holds[row])[:, 0].tolist():
-                share = shares[row].numpy() * (reference == r)
-                if share.max() <= 0:
+                share = shares[row] * (reference == r)
+                if share.max() <= 0 or references is not None and r not in references:
                     continue
                 inside = positions[share >= min(0.5, float(share.max()))]
                 lo, hi = inside.min(0), inside.max(0)
@@ -393,16 +415,38 @@ class MatchingMemory:
                 near = np.all((positions[matched] >= lo - reach) & (positions[matched] <= hi + reach), 1)
                 fitted = ransac_similarity(where[pairs[near]], positions[matched[near]], RANSAC_TOLERANCE * voxel, MIN_INLIERS, seed=row)
                 if fitted is not None:
-                    found.append((r, *fitted, lo, hi))
-            if len(found) > 1:  # an ensemble: the maps must agree on where the class lies in the target
-                centres = np.stack([apply_map(inverse_map(mapping), (0.5 * (lo + hi))[None])[0] for _, mapping, _, lo, hi in found])
-                radius = max(0.5 * float((hi - lo).max()) for *_, lo, hi in found) + RANSAC_TOLERANCE * voxel
-                agreeing = consensus(centres, np.array([inliers for _, _, inliers, _, _ in found]), radius)
-                found = [f for f, keep in zip(found, agreeing) if keep]
-            for r, mapping, _, lo, hi in found:
-                sent = apply_map(mapping, where)
-                seen = torch.from_numpy(np.all((sent >= lo - margin) & (sent <= hi + margin), 1)).to(device)
-                maps.setdefault(row, []).append((r, torch.from_numpy(sent).float().to(device), seen))
+                    found.setdefault(row, []).append(ClassMap(r, *fitted, lo, hi))
+                elif own_scale is not None and row in (elsewhere := own_scale(r)):
+                    found.setdefault(row, []).append(elsewhere[row])
+        return found
+
+    def _placed(
+        self, queries: torch.Tensor, votes: torch.Tensor, nearest: "_Nearest", where: np.ndarray, voxel: float, exactly: torch.Tensor,
+        own_scale: "OwnScaleMaps | None" = None,
+    ) -> torch.Tensor:
+        """`votes` (K, N) of (N, C) `queries` with the vote of each class whose map to some reference holding
+        it is found (`_class_maps`) cast again among each query's PLACE_CANDIDATES most similar keys: a key's
+        similarity loses SPATIAL_WEIGHT per squared stride-4 `voxel` (mm) between it and where the map sends
+        the query (`where`, (N, 3) RAS), and a query that its maps send farther than PLACE_MARGIN voxels from
+        the class's box gets no vote for it. In an ensemble, the references' maps must agree on where the
+        class lies in the target and on its size there (geometry.consensus): a map that disagrees with the
+        best-supported group does not vote, nor does a reference holding the class whose pairs agree on no
+        map while another's do. A query that matches a reference `exactly` keeps its vote: there the map is
+        the identity."""
+        device = votes.device
+        shares = self.masks.float()
+        maps: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        margin = PLACE_MARGIN * voxel
+        for row, found in self._class_maps(nearest, where, voxel, own_scale).items():
+            if len(found) > 1:  # an ensemble: the maps must agree on where the class lies in the target, and how large it is there
+                radius = max(0.5 * float((m.hi - m.lo).max()) for m in found) + RANSAC_TOLERANCE * voxel
+                agreeing = consensus(np.stack([m.centre_in_target() for m in found]), np.array([m.inliers for m in found]), radius,
+                                     np.array([m.size_in_target(voxel) for m in found]))
+                found = [m for m, keep in zip(found, agreeing) if keep]
+            for m in found:
+                sent = apply_map(m.mapping, where)
+                seen = torch.from_numpy(np.all((sent >= m.lo - margin) & (sent <= m.hi + margin), 1)).to(device)
+                maps.setdefault(row, []).append((m.reference, torch.from_numpy(sent).float().to(device), seen))
         if not maps:
             return votes
         placed = votes.clone()
@@ -413,7 +457,7 @@ class MatchingMemory:
             return placed
         mapped = sorted({r for placements in maps.values() for r, _, _ in placements})
         candidates = self._nearest(queries[cast_on], PLACE_CANDIDATES, mutual=False, references=mapped)
-        located = self.positions.to(device)
+        located = self.positions.to(device)  # type: ignore[union-attr]
         for row, placements in maps.items():
             tops, chosen = [], []
             for r, sent, seen in placements:
@@ -426,6 +470,36 @@ class MatchingMemory:
             cast[reached] = _weigh(top[reached], torch.cat(chosen, 1).gather(1, picked)[reached], shares[row][None].to(device))[0]
             placed[row, cast_on] = cast
         return placed
+
+
+@dataclass
+class ClassMap:
+    """The similarity map (target RAS -> reference RAS, geometry.apply_map) that the mutual nearest pairs
+    around one class agree on, for one reference of a memory: `inliers` pairs agree with it; `lo`, `hi` are
+    the corners of the class's box in the reference (its keys' centres)."""
+
+    reference: int
+    mapping: np.ndarray
+    inliers: int
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def centre_in_target(self) -> np.ndarray:
+        """Where the map puts the class's centre in the target (RAS)."""
+        return apply_map(inverse_map(self.mapping), (0.5 * (self.lo + self.hi))[None])[0]
+
+    def size_in_target(self, voxel: float) -> float:
+        """How large (mm, the cube root of its box's volume, a `voxel` added per side) the map makes the class
+        in the target: its size in the reference over the map's scale."""
+        return float(np.cbrt(np.prod(self.hi - self.lo + voxel)) / np.cbrt(abs(np.linalg.det(self.mapping[:3]))))
+
+
+OwnScaleMaps = Callable[[int], dict[int, ClassMap]]  # a reference's maps per class, found with the target at its own spacing
+
+
+def _stride_voxel(affine: np.ndarray, size: tuple[int, ...], grid: tuple[int, ...]) -> float:
+    """The side (mm) of one cell of a `grid` pooled from a working window of `size` with index -> RAS `affine`."""
+    return float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).mean()) * size[0] / grid[0]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..segments import complete_segments, label_dtype, present_labels
 from ..volume import Volume
 from .calibration import choose_keep_largest, choose_thresholds, dice_by_threshold, island_gains, mask_dice
 from .islands import drop_islands
-from .matching import MATCH_LEVEL, MatchingMemory, drawn_at_stride
+from .matching import MATCH_LEVEL, ClassMap, MatchingMemory, OwnScaleMaps, drawn_at_stride
 from .retrieval import ReferencePool
 from .views import augmented_views
 
@@ -502,13 +502,15 @@ class IrisPredictor:
         total = torch.zeros((len(task.label_values), *grid.shape), device=self.device)
         weight_sum = torch.zeros(grid.shape, device=self.device)
         memory = task.memory if matching else None
+        own_scale = self._own_scale_maps(target, task.modality or modality, task.spacing, memory) if memory is not None else None
         with torch.no_grad():
             for n, tile in enumerate(tiles):
                 _check_cancel(cancel)
                 _report(progress, 0.1 + 0.8 * n / len(tiles), f"segmenting window {n + 1} of {len(tiles)}")
                 with _device_memory():
-                    window = grid.box(np.array([axis.start for axis in tile]), np.array([axis.stop for axis in tile]))
-                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights, exact, window.affine)
+                    window = grid.tile(tile)
+                    found = self._window_probabilities(pixels[(slice(None), *tile)][None], tokens, memory, task.match_weights, exact, window.affine,
+                                                       own_scale)
                 self.decoder_passes += 1
                 weight = gaussian_weight(found.shape[1:], self.device) if len(tiles) > 1 else torch.ones(found.shape[1:], device=self.device)
                 total[(slice(None), *tile)] += found * weight
@@ -566,22 +568,55 @@ class IrisPredictor:
 
     def _window_probabilities(
         self, window: torch.Tensor, tokens: torch.Tensor, memory: MatchingMemory | None, shares: list[float], exact: bool = True,
-        affine: np.ndarray | None = None,
+        affine: np.ndarray | None = None, own_scale: OwnScaleMaps | None = None,
     ) -> torch.Tensor:
         """Per-class probabilities (K, *window) of one window (batch of one) for (1, K, T, D) `tokens`: the
         network's, blended per class with `memory`'s matched prior by `shares` (when there is a memory), and
         all the prior where the window sees the reference's own anatomy (an exact match:
         `MatchingMemory.match`, unless not `exact`), whatever the share; the encoder runs once for both. The
-        window's index -> RAS `affine` places the matched votes."""
+        window's index -> RAS `affine` places the matched votes (`own_scale`: `_own_scale_maps`)."""
         features = self.model.encoder(window)
         size = tuple(window.shape[2:])
         found = torch.sigmoid(self.model.decoder(features, tokens, size)[0])
         if memory is None or not (exact or any(shares)):
             return found
-        prior, seen = memory.match(features, size, exact, affine)
+        prior, seen = memory.match(features, size, exact, affine, own_scale)
         weight = torch.tensor(shares, device=self.device)[:, None, None, None]
         weight = weight + (1 - weight) * seen[None]
         return (1 - weight) * found + weight * prior
+
+    def _own_scale_maps(self, target: Volume, modality: str, spacing: float, memory: MatchingMemory) -> OwnScaleMaps | None:
+        """For an ensemble's placing (MatchingMemory.match): a reference's maps per class found, when first
+        asked, with the target at that reference's own working spacing, where its one-shot finds them (best
+        over the windows there); none for a reference encoded at the ensemble's `spacing`, or one whose own
+        spacing makes the target too large. A few percent of scale can cost a reference its map: Fetal_Brain_MRI
+        fetal_run6's pairs around the brain of fetal_t30_axial1 agree on a map at run6's 3.52 mm (23 pairs) and on
+        none at the 3-reference ensemble's 3.26 mm; with run6's map the only right one, that ensemble scored
+        0.000 against run6's one-shot 0.687."""
+        if memory.spacings is None or memory.positions is None or memory.holds.shape[1] < 2:
+            return None
+        found: dict[int, dict[int, ClassMap]] = {}
+
+        def maps(reference: int) -> dict[int, ClassMap]:
+            if reference in found:
+                return found[reference]
+            found[reference] = best = {}
+            own = float(memory.spacings[reference])  # type: ignore[index]
+            if abs(own - spacing) <= 0.01 * spacing:
+                return best
+            try:
+                pixels, grid = self._working_target(target, modality, own)
+            except InputError:
+                return best
+            for tile in windows(grid.shape, self.config.working_size):
+                window = grid.tile(tile)
+                with torch.no_grad(), _device_memory():
+                    features = self.model.encoder(pixels[(slice(None), *tile)][None])
+                    for row, found_map in memory.maps_of_reference(features, window.shape, window.affine, reference).items():
+                        if row not in best or found_map.inliers > best[row].inliers:
+                            best[row] = found_map
+            return best
+        return maps
 
     @staticmethod
     def _seed_level(task: TaskEmbedding, row: int, probability: torch.Tensor) -> float:

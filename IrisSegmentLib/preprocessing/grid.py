@@ -39,6 +39,10 @@ class Grid:
         shift[:3, 3] = lo
         return Grid(tuple(int(n) for n in np.asarray(hi) - np.asarray(lo)), self.affine @ shift)  # type: ignore[arg-type]
 
+    def tile(self, tile: tuple[slice, ...]) -> "Grid":
+        """The sub-grid of a window of slices (preprocessing.windows)."""
+        return self.box(np.array([axis.start for axis in tile]), np.array([axis.stop for axis in tile]))
+
     def index_box(self, wmin: np.ndarray, wmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The index box lo..hi-1 of this grid's voxels that may lie in the RAS box wmin..wmax
         (clipped to the grid; empty when lo >= hi on some axis)."""
