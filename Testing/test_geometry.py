@@ -104,4 +104,3 @@ def test_maps_that_make_a_structure_much_larger_or_smaller_than_the_best_support
     assert consensus(centres, support, radius=67.0).tolist() == [True, True, False]
     assert consensus(centres, support, radius=67.0, sizes=sizes).tolist() == [True, False, False]
     assert consensus(centres[:2], support[:2], radius=67.0, sizes=np.array([50.0, 62.0])).tolist() == [True, True]  # anatomy varies a little
-

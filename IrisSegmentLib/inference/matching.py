@@ -125,8 +125,8 @@ class MatchingMemory:
     None in task files written before it, where the band redraws stride-2 shares. `positions` (N, 3) float32
     holds each key's RAS centre in its reference's own coordinates, which places the votes (`match`); None in
     a band and in task files written before it, where votes go unplaced. `spacings` (R,) holds each
-reference's working spacing (mm), where an ensemble seeks a reference's map again when it finds none at the
-ensemble's (`match`); None in a band and in task files written before it."""
+    reference's working spacing (mm), where an ensemble seeks a reference's map again when it finds none at
+    the ensemble's (`match`); None in a band and in task files written before it."""
 
     keys: torch.Tensor
     masks: torch.Tensor
@@ -433,6 +433,7 @@ ensemble's (`match`); None in a band and in task files written before it."""
         best-supported group does not vote, nor does a reference holding the class whose pairs agree on no
         map while another's do. A query that matches a reference `exactly` keeps its vote: there the map is
         the identity."""
+        assert self.positions is not None
         device = votes.device
         shares = self.masks.float()
         maps: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
@@ -457,7 +458,7 @@ ensemble's (`match`); None in a band and in task files written before it."""
             return placed
         mapped = sorted({r for placements in maps.values() for r, _, _ in placements})
         candidates = self._nearest(queries[cast_on], PLACE_CANDIDATES, mutual=False, references=mapped)
-        located = self.positions.to(device)  # type: ignore[union-attr]
+        located = self.positions.to(device)
         for row, placements in maps.items():
             tops, chosen = [], []
             for r, sent, seen in placements:
