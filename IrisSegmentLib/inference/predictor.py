@@ -71,6 +71,9 @@ REFINE_MIN_SIDE = 64
 REFINE_MAX_SIDE = 128
 
 
+TargetBody = tuple[torch.Tensor, np.ndarray, np.ndarray]  # a target normalized, and its body's index box (lo, hi)
+
+
 def _report(progress: Progress, fraction: float, message: str) -> None:
     if progress is not None:
         progress(fraction, message)
@@ -496,13 +499,14 @@ class IrisPredictor:
         modality = resolve_modality(target.array, None)
         if task.modality and modality != task.modality and not allow_modality_mismatch:
             raise ModalityMismatch(task.modality, modality)
-        pixels, grid = self._working_target(target, task.modality or modality, task.spacing)
+        body = self._target_body(target, task.modality or modality)
+        pixels, grid = self._body_on_grid(target, body, task.spacing)
         tokens = task.tokens.to(self.device, torch.float32)[None]
         tiles = windows(grid.shape, self.config.working_size)
         total = torch.zeros((len(task.label_values), *grid.shape), device=self.device)
         weight_sum = torch.zeros(grid.shape, device=self.device)
         memory = task.memory if matching else None
-        own_scale = self._own_scale_maps(target, task.modality or modality, task.spacing, memory) if memory is not None else None
+        own_scale = self._own_scale_maps(target, body, task.spacing, memory) if memory is not None else None
         with torch.no_grad():
             for n, tile in enumerate(tiles):
                 _check_cancel(cancel)
@@ -585,10 +589,10 @@ class IrisPredictor:
         weight = weight + (1 - weight) * seen[None]
         return (1 - weight) * found + weight * prior
 
-    def _own_scale_maps(self, target: Volume, modality: str, spacing: float, memory: MatchingMemory) -> OwnScaleMaps | None:
+    def _own_scale_maps(self, target: Volume, body: TargetBody, spacing: float, memory: MatchingMemory) -> OwnScaleMaps | None:
         """For an ensemble's placing (MatchingMemory.match): a reference's maps per class found, when first
-        asked, with the target at that reference's own working spacing, where its one-shot finds them (best
-        over the windows there); none for a reference encoded at the ensemble's `spacing`, or one whose own
+        asked, with the target (its `body`, `_target_body`) at that reference's own working spacing, where its
+        one-shot finds them (best over the windows there); none for a reference encoded at the ensemble's `spacing`, or one whose own
         spacing makes the target too large. A few percent of scale can cost a reference its map: Fetal_Brain_MRI
         fetal_run6's pairs around the brain of fetal_t30_axial1 agree on a map at run6's 3.52 mm (23 pairs) and on
         none at the 3-reference ensemble's 3.26 mm; with run6's map the only right one, that ensemble scored
@@ -605,7 +609,7 @@ class IrisPredictor:
             if abs(own - spacing) <= 0.01 * spacing:
                 return best
             try:
-                pixels, grid = self._working_target(target, modality, own)
+                pixels, grid = self._body_on_grid(target, body, own)
             except InputError:
                 return best
             for tile in windows(grid.shape, self.config.working_size):
@@ -631,11 +635,20 @@ class IrisPredictor:
 
     def _working_target(self, target: Volume, modality: str, spacing: float) -> tuple[torch.Tensor, Grid]:
         """The target's body region on an RAS grid at the task's spacing (the target's own fit when 0)."""
+        return self._body_on_grid(target, self._target_body(target, modality), spacing)
+
+    def _target_body(self, target: Volume, modality: str) -> TargetBody:
+        """The target normalized and its body's index box: what its working grid at any spacing is cut from."""
         lo, hi = foreground_box(target.array, modality)
+        return self._normalized(target, modality), lo, hi
+
+    def _body_on_grid(self, target: Volume, body: TargetBody, spacing: float) -> tuple[torch.Tensor, Grid]:
+        """`_working_target` from the target's `body` (`_target_body`)."""
+        normalized, lo, hi = body
         spacing = spacing or fit_spacing(target.affine, lo, hi, self.config.working_size)
         self._check_extent(target, spacing, "target")
         grid = covering_grid(target.affine, lo, hi, spacing, self.config.total_stride)
-        return resample(self._normalized(target, modality), target.affine, grid), grid
+        return resample(normalized, target.affine, grid), grid
 
     @staticmethod
     def _classes_in(task: TaskEmbedding, labels: Volume) -> list[tuple[int, int]]:
